@@ -1,0 +1,121 @@
+"""The one timing harness every fastfilm benchmark uses.
+
+Candidates are timed *interleaved* (A, B, C, A, B, C, ...) in one process so that the
+noise of a shared machine hits all of them alike; results are medians with the
+inter-quartile range, reported as ratios against a baseline measured in the same run,
+and written to benchmarks/results/NAME.json together with the machine and commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], *, warmup: int = 3, reps: int = 15,
+                     inner: int = 1) -> dict[str, dict]:
+    """Time each candidate `reps` times, round-robin, after `warmup` untimed calls each.
+
+    `inner` calls make one sample (for very short functions). Returns, per name, the
+    median seconds per call, the inter-quartile range and the raw samples.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    _sync()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return {name: summarize(s) for name, s in samples.items()}
+
+
+def summarize(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median_s": statistics.median(s), "q1_s": q[0], "q3_s": q[2], "n": len(s), "samples_s": s}
+
+
+def ratios(results: dict[str, dict], baseline: str) -> dict[str, float]:
+    """Speed-up of each candidate over `baseline` (baseline median / candidate median)."""
+    base = results[baseline]["median_s"]
+    return {name: base / r["median_s"] for name, r in results.items()}
+
+
+def write_results(name: str, payload: dict, directory: Path | None = None) -> Path:
+    """Atomically write {machine, **payload} to benchmarks/results/NAME.json."""
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    body = json.dumps({"machine": machine(), **payload}, indent=2, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(body + "\n")
+    os.replace(tmp, path)
+    return path

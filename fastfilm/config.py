@@ -1,0 +1,149 @@
+"""Every knob of fastfilm, one dataclass per concern, paper values as defaults.
+
+The CLI (fastfilm/cli.py) is derived from these dataclasses one to one: a field is a
+flag, its `help` metadata is the flag's help, and `positional=True` makes it an
+argument. Change a default here and the CLI follows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class GenerateConfig:
+    """`fastfilm generate`: write a CLEVR v1.0-layout dataset made on this machine."""
+    out: str = _f("", "output directory (CLEVR v1.0 layout)", positional=True)
+    train_images: int = _f(1000, "images in the train split")
+    val_images: int = _f(200, "images in the val split")
+    test_images: int = _f(0, "images in the test split (written like CLEVR's: no answers, no programs)")
+    questions_per_image: int = _f(10, "questions asked about each image (CLEVR has ~10)")
+    image_width: int = _f(480, "rendered image width in pixels (CLEVR: 480)")
+    image_height: int = _f(320, "rendered image height in pixels (CLEVR: 320)")
+    min_objects: int = _f(3, "fewest objects per scene (CLEVR: 3)")
+    max_objects: int = _f(10, "most objects per scene (CLEVR: 10)")
+    cogent: str = _f("", "CLEVR-CoGenT condition A or B (shape/color palettes); empty for plain CLEVR",
+                     choices=("", "A", "B"))
+    families: str = _f("", "comma-separated question family names to keep (empty: all)")
+    seed: int = _f(0, "random seed; the output is a pure function of the config and this seed")
+    workers: int = _f(0, "worker processes (0: one per core)")
+
+
+@dataclass
+class PreprocessConfig:
+    """`fastfilm preprocess`: decode and resize every image once into a memory-mapped cache."""
+    data: str = _f("", "CLEVR-layout directory (e.g. CLEVR_v1.0)", positional=True)
+    cache: str = _f("", "cache directory (default: DATA/.fastfilm_cache/SIZE)")
+    image_size: int = _f(224, "square side the images are resized to (paper: 224)")
+    splits: str = _f("train,val", "comma-separated splits to cache (those present)")
+    vocab: str = _f("", "existing vocab.json to use instead of building one from the train split")
+    decoder: str = _f("auto", "image decoder: dali, pillow, or auto (DALI when installed)",
+                      choices=("auto", "dali", "pillow"))
+    device: str = _f("cpu", "DALI device: cpu, or gpu for a 'mixed' pipeline (JPEG decodes on the GPU, PNG on the CPU)",
+                     choices=("cpu", "gpu"))
+    skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")
+    workers: int = _f(0, "decode threads/processes (0: one per core)")
+
+
+# ---------------------------------------------------------------- model
+
+@dataclass
+class ModelConfig:
+    """The FiLM network and the Table 1 baselines. Defaults are the paper's best CLEVR model."""
+    arch: str = _f("film", "film, cnn_gru (image + question concatenated, no FiLM) or question_only",
+                   choices=("film", "cnn_gru", "question_only"))
+    image_size: int = _f(224, "input side in pixels (paper: 224)")
+    input: str = _f("pixels", "pixels (learned stem) or features (precomputed ResNet-101 conv4 maps)",
+                    choices=("pixels", "features"))
+    feature_channels: int = _f(1024, "channels of precomputed features (ResNet-101 conv4: 1024)")
+    stem_layers: int = _f(4, "stride-2 4x4 conv layers in the raw-pixel stem (paper: 4, 224 -> 14)")
+    channels: int = _f(128, "feature maps in the stem and every ResBlock (paper: 128)")
+    num_blocks: int = _f(4, "FiLM-ed ResBlocks (paper: 4)")
+    film_blocks: str = _f("all", "which ResBlocks get FiLM: 'all', 'none' or comma-separated indices ('0,2')")
+    embed_dim: int = _f(200, "word embedding size (paper: 200)")
+    rnn_dim: int = _f(4096, "GRU hidden units (paper: 4096)")
+    classifier_proj: int = _f(512, "1x1 conv channels before the max-pool (paper: 512)")
+    classifier_fc: int = _f(1024, "hidden units of the classifier MLP (paper: 1024)")
+    gamma: str = _f("linear", "gamma parametrisation: linear (1 + delta), one (gamma := 1), sigmoid, tanh, exp",
+                    choices=("linear", "one", "sigmoid", "tanh", "exp"))
+    beta: str = _f("linear", "beta parametrisation: linear, or zero (beta := 0)", choices=("linear", "zero"))
+    film_position: str = _f("after_bn", "where FiLM sits in a ResBlock: after_bn (paper), after_relu, "
+                            "after_conv2, before_conv1, after_residual",
+                            choices=("after_bn", "after_relu", "after_conv2", "before_conv1", "after_residual"))
+    residual: bool = _f(True, "residual connection in each ResBlock")
+    batchnorm: bool = _f(True, "batch norm in the stem, ResBlocks and classifier")
+    coords: bool = _f(True, "concatenate x/y coordinate maps to the stem output, ResBlock inputs and classifier")
+    conv2_kernel: int = _f(3, "kernel of each ResBlock's second conv (3 in the paper; 1 for the '1x1 only' ablation)")
+
+
+# Named model presets. `paper` is the published model; `cpu` is sized for a 2-core
+# machine (see README: chosen by measuring accuracy/minute on the quickstart data).
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "cpu": dict(image_size=64, stem_layers=3, channels=64, embed_dim=64, rnn_dim=256,
+                classifier_proj=256, classifier_fc=256),
+    "tiny": dict(image_size=32, stem_layers=2, channels=16, num_blocks=2, embed_dim=16, rnn_dim=32,
+                 classifier_proj=32, classifier_fc=32),
+}
+
+
+def model_config(preset: str = "paper", **overrides) -> ModelConfig:
+    """The named preset with `overrides` (None values ignored) applied on top."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return ModelConfig(**values)
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    """`fastfilm train`: optimisation and run bookkeeping. Defaults are the paper's."""
+    data: str = _f("", "CLEVR-layout directory or a cache built by `fastfilm preprocess`", positional=True)
+    out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json")
+    preset: str = _f("paper", "model preset: " + ", ".join(PRESETS))
+    epochs: int = _f(80, "maximum epochs (paper: at most 80)")
+    batch_size: int = _f(64, "questions per step (paper: 64)")
+    lr: float = _f(3e-4, "Adam learning rate (paper: 3e-4)")
+    weight_decay: float = _f(1e-5, "Adam weight decay (paper: 1e-5)")
+    patience: int = _f(10, "early stopping: epochs without a better val accuracy before stopping (0: never)")
+    max_minutes: float = _f(0.0, "stop cleanly after this many minutes, then evaluate and write metrics (0: no limit)")
+    seed: int = _f(0, "seed for weights, data order and dropout")
+    resume: str = _f("", "run directory to continue exactly where it stopped")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    eval_batch_size: int = _f(256, "questions per evaluation step")
+    log_every: int = _f(20, "steps between progress-bar loss/accuracy updates (each costs a host sync)")
+    max_train_questions: int = _f(0, "use only the first N training questions (0: all)")
+
+
+@dataclass
+class EvalConfig:
+    """`fastfilm eval`: accuracy of a checkpoint overall, per question type and per family."""
+    checkpoint: str = _f("", "checkpoint file (.pt or .safetensors) or run directory", positional=True)
+    data: str = _f("", "CLEVR-layout directory or cache", positional=True)
+    split: str = _f("val", "split to evaluate")
+    json: bool = _f(False, "print the result as JSON")
+    predictions: str = _f("", "write one predicted answer per line, in question order, to this file")
+    batch_size: int = _f(256, "questions per evaluation step")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class AnswerConfig:
+    """`fastfilm answer`: ask a trained model a question about any PNG/JPEG image."""
+    checkpoint: str = _f("", "checkpoint file (.pt or .safetensors) or run directory", positional=True)
+    image: str = _f("", "image file (PNG or JPEG, RGB or RGBA, any size)")
+    question: str = _f("", "the question, in words")
+    top: int = _f(5, "how many answers to show")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+
+
+def fields_of(cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
