@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                    "decode and resize images once into a memory-mapped cache with tokenized questions"),
     "train": (C.TrainConfig, "fastfilm.train:run", "train a FiLM model (or a baseline) on a CLEVR-layout dataset"),
     "eval": (C.EvalConfig, "fastfilm.evaluate:run", "accuracy of a checkpoint: overall, per type, per family"),
-    "answer": (C.AnswerConfig, "fastfilm.answer:run", "answer a question about one image"),
+    "answer": (C.AnswerConfig, "fastfilm.inference:run", "answer a question about one image"),
 }
 # `train` also takes every ModelConfig field; its defaults come from --preset.
 MODEL_FLAGS_FOR = ("train",)

@@ -121,6 +121,14 @@ class TrainConfig:
     eval_batch_size: int = _f(256, "questions per evaluation step")
     log_every: int = _f(20, "steps between progress-bar loss/accuracy updates (each costs a host sync)")
     max_train_questions: int = _f(0, "use only the first N training questions (0: all)")
+    # The fast path (fastfilm/fastpath.py); each piece can be switched off to see what it buys.
+    reference: bool = _f(False, "train the plain reference model (the oracle) instead of the fast path")
+    amp: str = _f("bf16", "autocast dtype: bf16, fp16 (with a gradient scaler) or off (fp32)",
+                  choices=("bf16", "fp16", "off"))
+    compile: bool = _f(True, "torch.compile the model (fullgraph) and the training step")
+    fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
+    channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
+    apex: bool = _f(False, "use NVIDIA apex FusedAdam if genuine apex is installed (else torch's fused/foreach Adam)")
 
 
 @dataclass

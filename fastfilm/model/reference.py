@@ -1,0 +1,229 @@
+"""The reference FiLM model: plain eager PyTorch that follows the paper line by line.
+
+This is the oracle every fast path is tested against, so it favours the obvious
+expression of each equation over speed. Section numbers refer to Perez et al. 2017
+(arXiv 1709.07871) as summarised in shared/FILM_PAPER.md.
+
+Inputs everywhere:
+    images:    [B, 3, S, S] uint8 pixels (or [B, F, h, w] float features when cfg.input == "features")
+    questions: [B, L] int64 tokens, <START> ... <END> then <NULL>=0 padding
+    lengths:   [B] int64, number of real tokens (START and END included)
+Output: logits [B, num_answers].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastfilm.config import ModelConfig
+
+# Pixels are standardised with ImageNet statistics, the convention of the ResNet
+# features the paper compares against; any fixed affine map would do.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+def coord_map(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """x and y coordinates in [-1, 1]: [1, 2, h, w], dtype/device of `like`."""
+    ys = torch.linspace(-1, 1, h, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1, 1, w, device=like.device, dtype=like.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y])[None]
+
+
+def with_coords(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """x: [B, C, h, w] -> [B, C + 2, h, w] (unchanged when coordinate maps are off)."""
+    if not enabled:
+        return x
+    b, _, h, w = x.shape
+    return torch.cat([x, coord_map(h, w, x).expand(b, -1, -1, -1)], dim=1)
+
+
+def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:
+    """'all' | 'none' | '0,2' -> which ResBlocks are FiLM-ed."""
+    if spec == "all":
+        return [True] * num_blocks
+    if spec in ("none", ""):
+        return [False] * num_blocks
+    try:
+        chosen = {int(s) for s in spec.split(",")}
+    except ValueError:
+        raise ValueError(f"film_blocks must be 'all', 'none' or indices like '0,2', got {spec!r}") from None
+    bad = [i for i in chosen if not 0 <= i < num_blocks]
+    if bad:
+        raise ValueError(f"film_blocks {bad} out of range for num_blocks={num_blocks}")
+    return [i in chosen for i in range(num_blocks)]
+
+
+class QuestionEncoder(nn.Module):
+    """Word embeddings + 1-layer GRU; the question is the GRU state at its last real token."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, rnn_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.rnn = nn.GRU(embed_dim, rnn_dim, batch_first=True)
+
+    def forward(self, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """questions: [B, L], lengths: [B] -> [B, rnn_dim]."""
+        states, _ = self.rnn(self.embed(questions))  # [B, L, rnn_dim]
+        # The state after the last real token has never seen padding: padding comes
+        # after it, and a GRU only looks backwards.
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, states.size(2))
+        return states.gather(1, last).squeeze(1)
+
+
+class FiLMGenerator(nn.Module):
+    """One linear layer from the question embedding to (gamma, beta) of every FiLM-ed block."""
+
+    def __init__(self, rnn_dim: int, num_film: int, channels: int, gamma: str, beta: str):
+        super().__init__()
+        self.num_film, self.channels = num_film, channels
+        self.gamma_kind, self.beta_kind = gamma, beta
+        self.linear = nn.Linear(rnn_dim, num_film * 2 * channels)
+
+    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [B, rnn_dim] -> gamma, beta: [B, num_film, C]."""
+        out = self.linear(q).view(q.size(0), self.num_film, 2, self.channels)
+        raw_gamma, beta = out[:, :, 0], out[:, :, 1]
+        if self.gamma_kind == "linear":
+            gamma = 1 + raw_gamma  # appendix: start as identity
+        elif self.gamma_kind == "one":
+            gamma = torch.ones_like(raw_gamma)
+        elif self.gamma_kind == "sigmoid":
+            gamma = torch.sigmoid(raw_gamma)
+        elif self.gamma_kind == "tanh":
+            gamma = torch.tanh(raw_gamma)
+        elif self.gamma_kind == "exp":
+            gamma = torch.exp(raw_gamma)
+        else:
+            raise ValueError(f"unknown gamma parametrisation {self.gamma_kind!r}")
+        if self.beta_kind == "zero":
+            beta = torch.zeros_like(beta)
+        return gamma, beta
+
+
+def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """FiLM(F | gamma, beta) = gamma * F + beta. x: [B, C, h, w], gamma/beta: [B, C]."""
+    return gamma[:, :, None, None] * x + beta[:, :, None, None]
+
+
+class Stem(nn.Module):
+    """Raw pixels: `stem_layers` x (conv 4x4 stride 2, BN, ReLU). Features: conv 3x3, BN, ReLU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        if cfg.input == "pixels":
+            c_in = 3
+            for _ in range(cfg.stem_layers):
+                layers += [nn.Conv2d(c_in, cfg.channels, 4, stride=2, padding=1, bias=not cfg.batchnorm)]
+                layers += [nn.BatchNorm2d(cfg.channels)] if cfg.batchnorm else []
+                layers += [nn.ReLU()]
+                c_in = cfg.channels
+        else:
+            layers += [nn.Conv2d(cfg.feature_channels, cfg.channels, 3, padding=1, bias=not cfg.batchnorm)]
+            layers += [nn.BatchNorm2d(cfg.channels)] if cfg.batchnorm else []
+            layers += [nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+        self.pixels = cfg.input == "pixels"
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, 3, S, S] uint8 (or [B, F, h, w] features) -> [B, C, h, w]."""
+        if self.pixels:
+            x = (images.float() / 255 - self.mean) / self.std
+        else:
+            x = images.float()
+        return self.layers(x)
+
+
+class ResBlock(nn.Module):
+    """x = ReLU(Conv1x1([x, coords])); y = ReLU(FiLM(BN(Conv3x3(x)))); out = x + y."""
+
+    def __init__(self, cfg: ModelConfig, filmed: bool):
+        super().__init__()
+        c, k = cfg.channels, cfg.conv2_kernel
+        self.coords, self.residual, self.filmed = cfg.coords, cfg.residual, filmed
+        self.position = cfg.film_position
+        self.conv1 = nn.Conv2d(c + 2 * cfg.coords, c, 1)
+        # BN follows conv2, so a bias there would be cancelled by the mean subtraction.
+        self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=not cfg.batchnorm)
+        # Affine off: FiLM supplies the per-sample scale and shift.
+        self.bn = nn.BatchNorm2d(c, affine=False) if cfg.batchnorm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] (None for a block without FiLM) -> [B, C, h, w]."""
+        def modulate(t: torch.Tensor, here: str) -> torch.Tensor:
+            return film(t, gamma, beta) if self.filmed and self.position == here else t
+
+        x = modulate(x, "before_conv1")
+        x = F.relu(self.conv1(with_coords(x, self.coords)))
+        y = modulate(self.conv2(x), "after_conv2")
+        y = modulate(self.bn(y), "after_bn")
+        y = modulate(F.relu(y), "after_relu")
+        out = x + y if self.residual else y
+        return modulate(out, "after_residual")
+
+
+class Classifier(nn.Module):
+    """Conv1x1([x, coords]) -> BN -> ReLU -> global max-pool -> FC -> BN -> ReLU -> FC."""
+
+    def __init__(self, cfg: ModelConfig, num_answers: int, extra_features: int = 0):
+        super().__init__()
+        self.coords = cfg.coords
+        norm2d = (lambda n: nn.BatchNorm2d(n)) if cfg.batchnorm else (lambda n: nn.Identity())
+        norm1d = (lambda n: nn.BatchNorm1d(n)) if cfg.batchnorm else (lambda n: nn.Identity())
+        self.conv = nn.Conv2d(cfg.channels + 2 * cfg.coords, cfg.classifier_proj, 1)
+        self.bn = norm2d(cfg.classifier_proj)
+        self.fc1 = nn.Linear(cfg.classifier_proj + extra_features, cfg.classifier_fc)
+        self.bn1 = norm1d(cfg.classifier_fc)
+        self.fc2 = nn.Linear(cfg.classifier_fc, num_answers)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, classifier_proj]."""
+        x = F.relu(self.bn(self.conv(with_coords(x, self.coords))))
+        return torch.amax(x, dim=(2, 3))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """features: [B, classifier_proj + extra] -> logits [B, num_answers]."""
+        return self.fc2(F.relu(self.bn1(self.fc1(features))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(x))
+
+
+class FiLMNet(nn.Module):
+    """The paper's CNN+GRU+FiLM network (and every Table 2/3 ablation through ModelConfig)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int):
+        super().__init__()
+        self.cfg = cfg
+        self.filmed = parse_film_blocks(cfg.film_blocks, cfg.num_blocks)
+        num_film = sum(self.filmed)
+        self.question = QuestionEncoder(vocab_size, cfg.embed_dim, cfg.rnn_dim)
+        # With no FiLM-ed block ("no conditioning" ablation) there is nothing to generate.
+        self.film_generator = (FiLMGenerator(cfg.rnn_dim, num_film, cfg.channels, cfg.gamma, cfg.beta)
+                               if num_film else None)
+        self.stem = Stem(cfg)
+        self.blocks = nn.ModuleList(ResBlock(cfg, f) for f in self.filmed)
+        self.classifier = Classifier(cfg, num_answers)
+
+    def film_params(self, questions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma, beta: [B, num_filmed_blocks, C], for analysis and for the fast model."""
+        return self.film_generator(self.question(questions, lengths))
+
+    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.film_generator is not None:
+            gammas, betas = self.film_params(questions, lengths)
+        # The stem output's coordinate maps are concatenated by the first block's conv1.
+        x = self.stem(images)  # [B, C, h, w]
+        j = 0
+        for block, filmed in zip(self.blocks, self.filmed):
+            if filmed:
+                x = block(x, gammas[:, j], betas[:, j])
+                j += 1
+            else:
+                x = block(x, None, None)
+        return self.classifier(x)
