@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "train": (C.TrainConfig, "fastfilm.train:run", "train a FiLM model (or a baseline) on a CLEVR-layout dataset"),
     "eval": (C.EvalConfig, "fastfilm.evaluate:run", "accuracy of a checkpoint: overall, per type, per family"),
     "answer": (C.AnswerConfig, "fastfilm.inference:run", "answer a question about one image"),
+    "quickstart": (C.QuickstartConfig, "fastfilm.quickstart:run",
+                   "generate a small dataset, train FiLM and the Table 1 baselines, print the per-type table"),
 }
 # `train` also takes every ModelConfig field; its defaults come from --preset.
 MODEL_FLAGS_FOR = ("train",)

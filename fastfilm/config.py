@@ -30,9 +30,13 @@ class GenerateConfig:
     max_objects: int = _f(10, "most objects per scene (CLEVR: 10)")
     cogent: str = _f("", "CLEVR-CoGenT condition A or B (shape/color palettes); empty for plain CLEVR",
                      choices=("", "A", "B"))
-    families: str = _f("", "comma-separated question family names to keep (empty: all)")
+    families: str = _f("", "comma-separated question family names to keep, e.g. zero_hop_exist,zero_hop_query_color "
+                       "(empty: all; an unknown name lists them all)")
     seed: int = _f(0, "random seed; the output is a pure function of the config and this seed")
     workers: int = _f(0, "worker processes (0: one per core)")
+    min_pixels: int = _f(200, "fewest visible pixels per object at 480x320, scaled with the image area "
+                         "(CLEVR: 200); scenes with a more hidden object are re-drawn")
+    supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering ~3x slower)")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class PreprocessConfig:
                      choices=("cpu", "gpu"))
     skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")
     workers: int = _f(0, "decode threads/processes (0: one per core)")
+    force: bool = _f(False, "rebuild the cache even if one matching DATA, size and vocabulary exists")
 
 
 # ---------------------------------------------------------------- model
@@ -151,6 +156,28 @@ class AnswerConfig:
     question: str = _f("", "the question, in words")
     top: int = _f(5, "how many answers to show")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class QuickstartConfig:
+    """`fastfilm quickstart`: generate a small dataset, train FiLM and the baselines, print the table."""
+    out: str = _f("quickstart", "directory for the generated data, runs and results.json")
+    train_images: int = _f(3000, "generated training images")
+    val_images: int = _f(300, "generated validation images (held out)")
+    questions_per_image: int = _f(10, "questions per image")
+    image_width: int = _f(96, "rendered width (small: the cpu preset sees 64x64)")
+    image_height: int = _f(64, "rendered height")
+    min_objects: int = _f(3, "fewest objects per scene")
+    max_objects: int = _f(6, "most objects per scene")
+    families: str = _f("", "question families to generate (empty: all)")
+    preset: str = _f("cpu", "model preset for FiLM and the baselines")
+    film_minutes: float = _f(5.0, "training budget for FiLM")
+    baseline_minutes: float = _f(1.0, "training budget for each neural baseline")
+    epochs: int = _f(100, "epoch cap (the minute budgets normally stop training first)")
+    batch_size: int = _f(64, "questions per step")
+    lr: float = _f(3e-4, "Adam learning rate")
+    seed: int = _f(0, "seed for data and training")
+    reference: bool = _f(False, "train with the reference model instead of the fast path")
 
 
 def fields_of(cls) -> list[dataclasses.Field]:

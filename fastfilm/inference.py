@@ -44,7 +44,7 @@ def encode(question: str, vocab: dict) -> tuple[list[int], list[str]]:
     """(token ids with <START>/<END>, words not in the vocabulary)."""
     from fastfilm.data.vocab import Vocab
 
-    v = Vocab.from_dict(vocab)
+    v = Vocab(**vocab)
     return v.encode_question(question), v.unknown_words(question)
 
 
@@ -63,15 +63,24 @@ def answer(model: nn.Module, meta: dict, image: np.ndarray, question: str, top: 
     return [(idx_to_answer[int(k)], float(v)) for v, k in zip(p, i)], unknown
 
 
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Any PNG/JPEG (RGB or RGBA, any size) -> [size, size, 3] uint8, as preprocessing makes it."""
+    from fastfilm.data.decode import decode_pillow, read_encoded
+
+    try:
+        return decode_pillow(read_encoded(path), size)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def run(cfg: AnswerConfig) -> int:
-    from fastfilm.data.decode import decode_file
     from fastfilm.evaluate import resolve_device
 
     if not cfg.image or not cfg.question:
         raise UserError("give both --image IMG and --question TEXT")
     device = resolve_device(cfg.device)
     model, meta = load_model(cfg.checkpoint, device)
-    image = decode_file(cfg.image, meta["model_config"]["image_size"])
+    image = load_image(cfg.image, meta["model_config"]["image_size"])
     answers, unknown = answer(model, meta, image, cfg.question, cfg.top, device)
     if unknown:
         print(f"note: not in the model's vocabulary, read as <UNK>: {', '.join(unknown)}")

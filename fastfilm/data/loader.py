@@ -1,0 +1,192 @@
+"""Batches of (image, question, answer) served from a cache: no decoding, exact epochs.
+
+An epoch visits every question of the split (or of this shard) exactly once, in an order
+that depends only on (seed, epoch); the last partial batch is kept unless `drop_last`.
+On CUDA, batches are gathered into pinned memory by a background thread `prefetch`
+batches ahead and copied with non_blocking=True; `resident=True` puts the whole image
+array on the device once, so a step copies only question rows and indices (on the CPU,
+resident reads the memory-mapped images into RAM once).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from fastfilm.data.cache import SplitData
+
+
+@dataclass
+class Batch:
+    """B questions. `images` is a channels_last view of NHWC uint8 (no copy, no normalisation)."""
+    images: torch.Tensor     # [B, 3, S, S] uint8, channels_last
+    questions: torch.Tensor  # [B, L'] int64, 0-padded
+    lengths: torch.Tensor    # [B] int64, tokens including <START> and <END>
+    answers: torch.Tensor    # [B] int64, -1: no answer (test split)
+    types: torch.Tensor      # [B] int64, index into QUESTION_TYPES, -1 unknown
+    families: torch.Tensor   # [B] int64, question_family_index, -1 unknown
+    index: torch.Tensor      # [B] int64, question rows of the split
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        # Tensor.to keeps the channels_last strides of `images` (preserve_format).
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class Loader:
+    """Shuffled batches of one cached split.
+
+    shard=(rank, world): the epoch's order is dealt round-robin to `world` ranks, so ranks get
+    disjoint questions that together cover the split. Without drop_last, a rank with one
+    question fewer than the others repeats its own first question of the epoch so that every
+    rank takes the same number of steps (at most one repeat per rank and epoch, none when
+    world=1 or world divides the question count). With drop_last each rank keeps the same
+    floor(Q / world) questions and drops its last partial batch.
+
+    buckets: lengths the question tensor may have (static shapes for torch.compile); a batch
+    is padded to the smallest bucket >= its longest question. The split's longest question
+    length is added as a last bucket if every bucket is shorter. None: always the split's length.
+    """
+
+    def __init__(self, split: SplitData, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 device: torch.device | str = "cpu", buckets: tuple[int, ...] | None = None, resident: bool = False,
+                 shard: tuple[int, int] = (0, 1), prefetch: int = 2, limit: int = 0):
+        rank, world = shard
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world, self.prefetch = drop_last, rank, world, prefetch
+        self.device = torch.device(device)
+        self.num_questions = min(limit, len(split)) if limit > 0 else len(split)
+        max_len = split.questions.shape[1]
+        self.buckets = None
+        if buckets:
+            b = sorted(set(int(x) for x in buckets))
+            self.buckets = np.array(b if b[-1] >= max_len else [*b, max_len], dtype=np.int64)
+        n = self.num_questions
+        self.per_rank = n // world if drop_last else -(-n // world)
+        if n < world or (drop_last and self.per_rank < batch_size):
+            raise ValueError(f"{split.name}: {n} questions are too few for batch {batch_size} over {world} ranks"
+                             + (" with drop_last" if drop_last else ""))
+        # Per-question arrays are read into memory once (np.array copies the read-only memmap);
+        # only the images stay memory-mapped.
+        self.questions = torch.from_numpy(np.array(split.questions[:n]))
+        self.lengths = torch.from_numpy(np.array(split.lengths[:n]))
+        self.answers = torch.from_numpy(np.array(split.answers[:n]))
+        self.types = torch.from_numpy(np.array(split.types[:n]))
+        self.families = torch.from_numpy(np.array(split.families[:n]))
+        self.image_index = np.array(split.image_index[:n])
+        self.cuda = self.device.type == "cuda"
+        self.images = split.images
+        self.images_resident: torch.Tensor | None = None
+        if resident and self.device.type == "cpu":
+            self.images = np.array(split.images)  # in RAM: no page faults on the memmap
+        elif resident:
+            self.images_resident = self._upload(split.images)
+
+    def _upload(self, images: np.ndarray, chunk: int = 1024) -> torch.Tensor:
+        """The whole [I, S, S, 3] array on the device, copied in chunks (no second host copy)."""
+        out = torch.empty(images.shape, dtype=torch.uint8, device=self.device)
+        for i in range(0, len(images), chunk):
+            out[i:i + chunk] = torch.from_numpy(np.array(images[i:i + chunk]))
+        return out
+
+    def __len__(self) -> int:
+        """Batches per epoch for this shard."""
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's question rows for `epoch`, in serving order ([per_rank] int64)."""
+        n = self.num_questions
+        if self.shuffle:
+            # A Generator seeded from (seed, epoch): no global RNG state, same order on every rank.
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            perm = np.arange(n)
+        mine = perm[self.rank::self.world]
+        if len(mine) < self.per_rank:  # only without drop_last: repeat own first question
+            mine = np.concatenate([mine, mine[: self.per_rank - len(mine)]])
+        mine = mine[: self.per_rank]
+        if self.drop_last:
+            mine = mine[: len(self) * self.batch_size]
+        return mine.astype(np.int64)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of `epoch`, from batch `start_batch` on (exact resume after a stop)."""
+        order = self.order(epoch)
+        rows = [order[i:i + self.batch_size] for i in range(start_batch * self.batch_size, len(order), self.batch_size)]
+        if not self.cuda or self.prefetch <= 0:
+            for r in rows:
+                yield self._gather(r).to(self.device)
+            return
+        yield from self._prefetched(rows, pin=True)
+
+    def _gather(self, rows: np.ndarray, pin: bool = False) -> Batch:
+        """Host batch for question rows [B]; images stay on the device when resident."""
+        idx = torch.from_numpy(rows)
+        lengths = self.lengths[idx]
+        width = self.questions.shape[1]
+        if self.buckets is not None:
+            width = int(self.buckets[np.searchsorted(self.buckets, int(lengths.max()))])
+        q = self.questions[idx, : min(width, self.questions.shape[1])]
+        if q.shape[1] < width:  # a bucket longer than every question of the split
+            q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
+        img_rows = self.image_index[rows]
+        s = self.images.shape[1]
+        if self.images_resident is not None:
+            # Rows gathered as flat [I, S*S*3]: a 4-D uint8 gather is many times slower.
+            flat = self.images_resident.view(len(self.images_resident), -1)
+            rows_dev = torch.from_numpy(img_rows).to(self.device)
+            images = flat.index_select(0, rows_dev).view(len(rows), s, s, 3).permute(0, 3, 1, 2)
+        else:
+            buf = torch.empty((len(rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
+            np.take(self.images, img_rows, axis=0, out=buf.numpy())
+            images = buf.permute(0, 3, 1, 2)
+        small = [q, lengths, self.answers[idx], self.types[idx], self.families[idx], idx]
+        if pin:  # images were gathered straight into pinned memory (or are on the device)
+            small = [t.pin_memory() for t in small]
+        q, lengths, answers, types, families, idx = small
+        return Batch(images, q, lengths, answers, types, families, idx)
+
+    def _prefetched(self, rows: list[np.ndarray], pin: bool) -> Iterator[Batch]:
+        """Batches gathered by a background thread, `prefetch` ahead of the consumer."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for r in rows:
+                    if stop.is_set():
+                        return
+                    q.put(self._gather(r, pin=pin))
+            except BaseException as e:  # re-raised in the consumer
+                q.put(e)
+                return
+            q.put(None)
+
+        thread = threading.Thread(target=work, daemon=True, name="fastfilm-prefetch")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item.to(self.device, non_blocking=True)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.01)

@@ -1,0 +1,201 @@
+"""The training loader: exact epochs, determinism, exact resume, buckets, shards, image pairing."""
+import numpy as np
+import pytest
+import torch
+from clevr_fixture import make_clevr
+
+from fastfilm.data.cache import SplitData, load_split, prepare
+from fastfilm.data.loader import Batch, Loader
+
+S = 6
+
+
+def synthetic(q: int = 103, n_images: int = 20, max_len: int = 12, seed: int = 0) -> SplitData:
+    """Image row r is filled with (3r + channel) % 256, so a batch's pairing can be checked."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n_images, S, S, 3), np.uint8)
+    for r in range(n_images):
+        images[r] = (3 * r + np.arange(3)) % 256
+    lengths = rng.integers(3, max_len + 1, q)
+    lengths[0] = max_len
+    questions = np.zeros((q, max_len), np.int64)
+    for i, n in enumerate(lengths):
+        questions[i, :n] = [1, *rng.integers(4, 50, n - 2), 2]
+    return SplitData(images=images, questions=questions, lengths=lengths.astype(np.int64),
+                     answers=rng.integers(4, 30, q), image_index=rng.integers(0, n_images, q),
+                     types=rng.integers(-1, 5, q), families=rng.integers(-1, 90, q), name="synthetic")
+
+
+def rows(loader: Loader, epoch: int = 0, start: int = 0) -> list[list[int]]:
+    return [b.index.tolist() for b in loader.epoch(epoch, start)]
+
+
+def check_batch(b: Batch, split: SplitData) -> None:
+    idx = b.index.numpy()
+    size = split.images.shape[1]
+    assert b.images.dtype == torch.uint8 and b.images.shape == (len(idx), 3, size, size)
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    expected = np.transpose(split.images[split.image_index[idx]], (0, 3, 1, 2))
+    assert np.array_equal(b.images.numpy(), expected)
+    width = b.questions.shape[1]
+    assert width >= b.lengths.max()
+    full = np.zeros((len(idx), max(width, split.questions.shape[1])), np.int64)
+    full[:, : split.questions.shape[1]] = split.questions[idx]
+    assert np.array_equal(b.questions.numpy(), full[:, :width])
+    for name in ("lengths", "answers", "types", "families"):
+        assert np.array_equal(getattr(b, name).numpy(), getattr(split, name)[idx]), name
+
+
+@pytest.mark.parametrize("batch_size", [1, 10, 103, 200])
+def test_exact_epoch_keeps_last_partial_batch(batch_size):
+    split = synthetic()
+    loader = Loader(split, batch_size, shuffle=True, seed=3)
+    got = rows(loader)
+    assert len(got) == len(loader) == -(-103 // batch_size)
+    assert sorted(sum(got, [])) == list(range(103))  # every question exactly once
+    assert all(len(r) == batch_size for r in got[:-1]) and len(got[-1]) == 103 - batch_size * (len(got) - 1)
+
+
+def test_drop_last():
+    loader = Loader(synthetic(), 10, shuffle=True, drop_last=True)
+    got = rows(loader)
+    assert len(got) == len(loader) == 10 and all(len(r) == 10 for r in got)
+    assert len(set(sum(got, []))) == 100
+    with pytest.raises(ValueError, match="too few"):
+        Loader(synthetic(), 200, shuffle=True, drop_last=True)
+
+
+def test_batches_pair_images_and_questions():
+    split = synthetic()
+    for b in Loader(split, 16, shuffle=True).epoch(0):
+        check_batch(b, split)
+
+
+def test_deterministic_from_seed_and_epoch():
+    split = synthetic()
+    a, b = Loader(split, 8, shuffle=True, seed=1), Loader(split, 8, shuffle=True, seed=1)
+    assert rows(a, 0) == rows(b, 0) and rows(a, 5) == rows(b, 5)
+    assert rows(a, 0) != rows(a, 1)
+    assert rows(a, 0) != rows(Loader(split, 8, shuffle=True, seed=2), 0)
+    np.random.seed(123)
+    torch.manual_seed(123)  # global RNG state must not matter
+    first = rows(a, 2)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert rows(a, 2) == first
+    assert sum(rows(Loader(split, 8, shuffle=False), 0), []) == list(range(103))
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 12, 13])
+def test_start_batch_resumes_exactly(start):
+    loader = Loader(synthetic(), 8, shuffle=True, seed=4)
+    assert rows(loader, 3, start) == rows(loader, 3)[start:]
+
+
+def test_buckets_pad_to_smallest_fitting_length():
+    split = synthetic(max_len=12)
+    loader = Loader(split, 4, shuffle=True, buckets=(4, 8, 16))
+    widths = set()
+    for b in loader.epoch(0):
+        check_batch(b, split)
+        longest = int(b.lengths.max())
+        width = b.questions.shape[1]
+        widths.add(width)
+        assert width == min(x for x in (4, 8, 16) if x >= longest)
+    assert widths <= {4, 8, 16} and 16 in widths  # row 0 has 12 tokens: padded past the split's 12
+    short = Loader(split, 4, shuffle=True, buckets=(5,))  # no bucket fits 12: the split's length is added
+    assert {b.questions.shape[1] for b in short.epoch(0)} <= {5, 12}
+    assert {b.questions.shape[1] for b in Loader(split, 4, shuffle=True).epoch(0)} == {12}
+
+
+@pytest.mark.parametrize("q, world, batch_size", [(103, 4, 8), (103, 2, 10), (9, 4, 2), (100, 4, 5), (9, 8, 2)])
+def test_shards_disjoint_covering_equal_steps(q, world, batch_size):
+    split = synthetic(q=q)
+    loaders = [Loader(split, batch_size, shuffle=True, seed=9, shard=(r, world)) for r in range(world)]
+    per_rank = [rows(loader, 1) for loader in loaders]
+    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(loaders[0])
+    sets = [set(sum(p, [])) for p in per_rank]
+    assert set().union(*sets) == set(range(q))
+    assert sum(len(s) for s in sets) == q  # pairwise disjoint
+    # A rank one question short repeats one of its own questions, nothing else.
+    served = [sum(p, []) for p in per_rank]
+    assert all(len(r) - len(set(r)) <= 1 for r in served)
+    assert all(len(r) == -(-q // world) for r in served)
+
+
+def test_shards_with_drop_last():
+    split = synthetic(q=103)
+    loaders = [Loader(split, 5, shuffle=True, shard=(r, 4), drop_last=True) for r in range(4)]
+    served = [sum(rows(loader), []) for loader in loaders]
+    assert all(len(r) == 25 for r in served)  # floor(103 / 4) = 25 per rank, 5 full batches
+    assert len(set().union(*map(set, served))) == 100
+    with pytest.raises(ValueError, match="shard"):
+        Loader(split, 5, shuffle=True, shard=(4, 4))
+    with pytest.raises(ValueError, match="too few"):  # a rank would have no question at all
+        Loader(synthetic(q=7), 1, shuffle=True, shard=(0, 8))
+
+
+def test_limit_and_resident():
+    split = synthetic()
+    limited = Loader(split, 8, shuffle=True, limit=30)
+    assert sorted(sum(rows(limited), [])) == list(range(30)) and len(limited) == 4
+    resident = Loader(split, 8, shuffle=True, resident=True)
+    plain = Loader(split, 8, shuffle=True)
+    forced = Loader(split, 8, shuffle=True)
+    forced.images_resident = forced._upload(split.images)  # the CUDA-resident gather, run on the CPU
+    for a, b, c in zip(resident.epoch(2), plain.epoch(2), forced.epoch(2), strict=True):
+        check_batch(a, split)
+        check_batch(c, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.questions, b.questions)
+
+
+def test_batch_to_keeps_channels_last():
+    b = next(iter(Loader(synthetic(), 8, shuffle=False).epoch(0)))
+    moved = b.to("cpu", non_blocking=True)
+    assert moved.images.is_contiguous(memory_format=torch.channels_last) and len(moved) == 8
+
+
+def test_from_a_real_cache(tmp_path):
+    info = make_clevr(tmp_path / "clevr")
+    path = prepare(info["root"], 8, splits=("train", "test"), decoder="pillow")
+    train = load_split(path, "train")
+    batches = list(Loader(train, 3, shuffle=True, buckets=(8, 16)).epoch(0))
+    assert sorted(sum((b.index.tolist() for b in batches), [])) == list(range(len(train)))
+    for b in batches:
+        check_batch(b, train)
+    test = next(iter(Loader(load_split(path, "test"), 8, shuffle=False).epoch(0)))
+    assert (test.answers == -1).all()
+
+
+def test_prefetch_thread_serves_the_same_batches():
+    # The CUDA path's thread and queue, run on the CPU (pinning needs CUDA, so pin=False).
+    split = synthetic()
+    loader = Loader(split, 8, shuffle=True, prefetch=2)
+    order = loader.order(1)
+    chunks = [order[i:i + 8] for i in range(0, len(order), 8)]
+    threaded = [b.index.tolist() for b in loader._prefetched(chunks, pin=False)]
+    assert threaded == rows(loader, 1)
+    it = loader._prefetched(chunks, pin=False)
+    next(it)
+    it.close()  # a consumer stopping early must not leave the producer blocked on a full queue
+    bad = [order[:8], np.array([10**9])]  # the second batch fails inside the thread
+    it = loader._prefetched(bad, pin=False)
+    assert len(next(it)) == 8
+    with pytest.raises(IndexError):
+        next(it)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("resident", [False, True])
+def test_cuda_prefetch_matches_cpu(resident):
+    split = synthetic()
+    gpu = Loader(split, 16, shuffle=True, device="cuda", resident=resident, prefetch=2, buckets=(8, 16))
+    cpu = Loader(split, 16, shuffle=True, buckets=(8, 16))
+    for a, b in zip(gpu.epoch(1, 2), cpu.epoch(1, 2), strict=True):
+        assert a.images.is_cuda and a.questions.is_cuda
+        assert a.images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a.images.cpu(), b.images) and torch.equal(a.questions.cpu(), b.questions)
+    it = gpu.epoch(0)
+    next(it)
+    it.close()  # stopping mid-epoch must not leave the prefetch thread blocked
