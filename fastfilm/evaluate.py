@@ -29,8 +29,7 @@ def predict(model: nn.Module, loader, device: torch.device, *, progress: bool = 
     from tqdm import tqdm
 
     model.eval()
-    num_questions = loader.split.questions.shape[0] if getattr(loader, "limit", 0) == 0 else loader.limit
-    preds = np.full(num_questions, -1, dtype=np.int64)
+    preds = np.full(loader.split.questions.shape[0], -1, dtype=np.int64)
     for batch in tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(batch.images, batch.questions, batch.lengths)

@@ -56,7 +56,7 @@ def answer(model: nn.Module, meta: dict, image: np.ndarray, question: str, top: 
     tokens, unknown = encode(question, meta["vocab"])
     questions = torch.tensor([tokens], device=device)
     lengths = torch.tensor([len(tokens)], device=device)
-    images = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(device)
     probs = model(images, questions, lengths).float().softmax(-1)[0]
     idx_to_answer = {i: a for a, i in meta["vocab"]["answer_token_to_idx"].items()}
     p, i = probs.topk(min(top, probs.numel()))

@@ -122,6 +122,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
         bar = tqdm(loader.epoch(s["epoch"], start_batch=s["batch"]), total=len(loader), initial=s["batch"],
                    desc=f"epoch {s['epoch'] + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
+            s["batch"] += 1
+            if len(batch) == 1:
+                # Training-mode BN is undefined on one sample; only a last partial batch can be
+                # this small, and its question comes round again next epoch in another batch.
+                continue
             batch = batch.to(device, non_blocking=True)
             logits = model(batch.images, batch.questions, batch.lengths)
             loss = F.cross_entropy(logits, batch.answers)
@@ -132,7 +137,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
             correct += (logits.detach().argmax(1) == batch.answers).sum()
             seen += batch.answers.numel()
             s["step"] += 1
-            s["batch"] += 1
             if s["step"] % cfg.log_every == 0:
                 # The only host syncs of the loop: loss check and progress display.
                 avg = loss_sum.item() / seen
@@ -169,9 +173,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
         elif epoch_done:
             s["stale_epochs"] += 1
         save_state()
-        if progress:
-            print(f"epoch {s['epoch']}: loss {train_loss:.3f}, val {100 * (report['accuracy'] or 0):.2f}%",
-                  file=sys.stderr)
+        # One line per epoch even without a terminal (logs, CI), where the bar is off.
+        print(f"[{run_dir.name}] epoch {s['epoch']}: train loss {train_loss:.3f}, val "
+              f"{100 * (report['accuracy'] or 0):.2f}%, {line['train_questions_per_s']:.0f} q/s", file=sys.stderr)
         if stopped == "max_minutes":
             break
         if cfg.patience and s["stale_epochs"] >= cfg.patience:

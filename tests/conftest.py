@@ -1,0 +1,20 @@
+"""Shared fixtures: a tiny dataset made by the project's own generator, built once per session."""
+from __future__ import annotations
+
+import pytest
+
+from fastfilm.config import GenerateConfig
+
+TINY_FAMILIES = "zero_hop_exist,zero_hop_query_color,zero_hop_query_shape,compare_color"
+
+
+@pytest.fixture(scope="session")
+def generated_clevr(tmp_path_factory):
+    """A CLEVR-layout directory: 12 train / 4 val images at 48x32, 4 questions each, RGBA PNGs."""
+    from fastfilm.data.generate import run
+
+    out = tmp_path_factory.mktemp("clevr") / "CLEVR_tiny"
+    cfg = GenerateConfig(out=str(out), train_images=12, val_images=4, questions_per_image=4, image_width=48,
+                         image_height=32, min_objects=3, max_objects=4, families=TINY_FAMILIES, seed=1, workers=1)
+    assert run(cfg) == 0
+    return out

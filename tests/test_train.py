@@ -1,0 +1,125 @@
+"""The trainer: overfitting, exact resume, non-finite loss, atomic checkpoints, vocab checks."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastfilm import checkpoint as ckpt
+from fastfilm import train as train_mod
+from fastfilm.config import TrainConfig, model_config
+from fastfilm.errors import UserError
+
+
+def tiny_cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), preset="tiny", epochs=2, batch_size=16, lr=3e-3, patience=0,
+                log_every=1, device="cpu", reference=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(run) -> dict:
+    return torch.load(run / ckpt.LAST, weights_only=True)["model"]
+
+
+def test_tiny_run_overfits_to_100_percent(generated_clevr, tmp_path):
+    from fastfilm.data.cache import load_split, prepare
+    from fastfilm.data.loader import Loader
+    from fastfilm.evaluate import accuracy_report, predict
+    from fastfilm.inference import load_model
+
+    cfg = tiny_cfg(generated_clevr, tmp_path / "run", epochs=60, batch_size=48, lr=1e-2,
+                   max_train_questions=0)
+    train_mod.train(cfg, model_config("tiny", num_blocks=1, rnn_dim=64, channels=16))
+    model, meta = load_model(tmp_path / "run" / ckpt.LAST, torch.device("cpu"))
+    split = load_split(prepare(generated_clevr, meta["model_config"]["image_size"]), "train")
+    preds = predict(model, Loader(split, 64, shuffle=False), torch.device("cpu"))
+    report = accuracy_report(preds, split.answers, split.types, split.families)
+    assert report["accuracy"] == 1.0, report
+
+
+def test_metrics_files(generated_clevr, tmp_path):
+    metrics = train_mod.train(tiny_cfg(generated_clevr, tmp_path / "run"), model_config("tiny"))
+    run = tmp_path / "run"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert 0 <= saved["val_accuracy"] <= 1
+    assert set(saved["per_type"]) <= {"exist", "count", "compare_integer", "query_attribute", "compare_attribute"}
+    assert saved["per_family"]
+    # Both checkpoint forms load without executing code.
+    torch.load(run / ckpt.LAST, weights_only=True)
+    state, meta = ckpt.load_checkpoint(run / ckpt.BEST)
+    assert meta["arch"] == "film" and "question_token_to_idx" in meta["vocab"]
+
+
+def test_resume_equals_uninterrupted(generated_clevr, tmp_path):
+    model_cfg = model_config("tiny")
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "straight", epochs=3), model_cfg)
+    # Interrupted after one epoch, then resumed.
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "split", epochs=1), model_cfg)
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "ignored", epochs=3, resume=str(tmp_path / "split")),
+                    model_cfg)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(generated_clevr, tmp_path):
+    """A time budget that stops inside an epoch, then --resume, ends with the same weights."""
+    model_cfg = model_config("tiny")
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "straight", epochs=2, batch_size=8), model_cfg)
+    m = train_mod.train(tiny_cfg(generated_clevr, tmp_path / "cut", epochs=2, batch_size=8, max_minutes=1e-9),
+                        model_cfg)
+    assert m["stopped"] == "max_minutes" and m["steps"] == 1
+    assert (tmp_path / "cut" / "metrics.json").exists()
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "x", epochs=2, resume=str(tmp_path / "cut")), model_cfg)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(generated_clevr, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_mod.train(tiny_cfg(generated_clevr, run, epochs=1), model_config("tiny"))
+    good = (run / ckpt.LAST).read_bytes()
+    real = train_mod.F.cross_entropy
+    monkeypatch.setattr(train_mod.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(train_mod.NonFiniteLoss, match="non-finite loss"):
+        train_mod.train(tiny_cfg(generated_clevr, tmp_path / "y", epochs=2, resume=str(run)), model_config("tiny"))
+    assert (run / ckpt.LAST).read_bytes() == good
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    ckpt.save_training_state(tmp_path, {"model": {"w": torch.ones(2)}, "meta": {}})
+    before = (tmp_path / ckpt.LAST).read_bytes()
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_training_state(tmp_path, {"model": {"w": torch.zeros(2)}, "meta": {}})
+    assert (tmp_path / ckpt.LAST).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.LAST]
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="model.pt"):
+        ckpt.load_checkpoint(bad)
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "..")
+
+
+@pytest.mark.parametrize("arch", ["cnn_gru", "question_only"])
+def test_baselines_train(generated_clevr, tmp_path, arch):
+    metrics = train_mod.train(tiny_cfg(generated_clevr, tmp_path / arch, epochs=1), model_config("tiny", arch=arch))
+    assert metrics["arch"] == arch and metrics["val_accuracy"] is not None
