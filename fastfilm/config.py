@@ -36,6 +36,8 @@ class GenerateConfig:
     workers: int = _f(0, "worker processes (0: one per core)")
     min_pixels: int = _f(200, "fewest visible pixels per object at 480x320, scaled with the image area "
                          "(CLEVR: 200); scenes with a more hidden object are re-drawn")
+    zoom: float = _f(1.0, "camera zoom (1: CLEVR's view); >1 shows a smaller table closer up, so objects are "
+                     "larger in small images (the quickstart uses it)")
     supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering ~3x slower)")
 
 
@@ -146,6 +148,9 @@ class EvalConfig:
     predictions: str = _f("", "write one predicted answer per line, in question order, to this file")
     batch_size: int = _f(256, "questions per evaluation step")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    reference: bool = _f(False, "evaluate with the plain reference model instead of the fast path")
+    amp: str = _f("bf16", "autocast dtype: bf16, fp16 or off (fp32)", choices=("bf16", "fp16", "off"))
+    compile: bool = _f(True, "torch.compile the model for evaluation")
 
 
 @dataclass

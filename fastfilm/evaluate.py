@@ -24,15 +24,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader, device: torch.device, *, progress: bool = False) -> np.ndarray:
-    """Predicted answer ids for every question of the loader's split, in question order: [Q]."""
+def predict(forward, loader, device: torch.device, *, progress: bool = False) -> np.ndarray:
+    """Predicted answer ids for every question of the loader's split, in question order: [Q].
+
+    forward(images, questions, lengths) -> logits: an eval-mode model or a fastpath.Predictor.
+    """
     from tqdm import tqdm
 
-    model.eval()
+    if isinstance(forward, nn.Module):
+        forward.eval()
     preds = np.full(loader.split.questions.shape[0], -1, dtype=np.int64)
     for batch in tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(batch.images, batch.questions, batch.lengths)
+        logits = forward(batch.images, batch.questions, batch.lengths)
         preds[batch.index.cpu().numpy()] = logits.argmax(1).cpu().numpy()
     return preds
 
@@ -79,15 +83,19 @@ def format_table(rows: dict[str, dict]) -> str:
 def run(cfg: EvalConfig) -> int:
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.inference import load_model, check_vocab_matches
+    from fastfilm.fastpath import FastOptions, Predictor, length_buckets
+    from fastfilm.inference import check_vocab_matches, load_model
 
     device = resolve_device(cfg.device)
-    model, meta = load_model(cfg.checkpoint, device)
+    opts = FastOptions(reference=cfg.reference, amp=cfg.amp, compile=cfg.compile)
+    model, meta = load_model(cfg.checkpoint, device, opts)
     cache = prepare(cfg.data, meta["model_config"]["image_size"], splits=(cfg.split,))
     check_vocab_matches(meta, cache, cfg.data)
     split = load_split(cache, cfg.split)
-    loader = Loader(split, cfg.batch_size, shuffle=False, device=device)
-    preds = predict(model, loader, device, progress=sys.stderr.isatty())
+    buckets = length_buckets(split.questions.shape[1]) if opts.compile else None
+    loader = Loader(split, cfg.batch_size, shuffle=False, device=device, buckets=buckets)
+    predictor = Predictor(model, opts, device, batch_size=cfg.batch_size if opts.compile else None)
+    preds = predict(predictor, loader, device, progress=sys.stderr.isatty())
     report = accuracy_report(preds, split.answers, split.types, split.families)
     if cfg.predictions:
         from fastfilm.checkpoint import atomic_write

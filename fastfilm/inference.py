@@ -13,14 +13,18 @@ from fastfilm.config import AnswerConfig
 from fastfilm.errors import UserError
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """A model in eval mode on `device` and the checkpoint's meta (model_config, vocab, ...)."""
-    from fastfilm.model import build_model
+def load_model(checkpoint: str | Path, device: torch.device, opts=None) -> tuple[nn.Module, dict]:
+    """A model in eval mode on `device` and the checkpoint's meta (model_config, vocab, ...).
+
+    opts: fastpath.FastOptions; the reference model when None. Both load the same weights.
+    """
+    from fastfilm.fastpath import FastOptions, build_model
 
     state, meta = load_checkpoint(checkpoint)
     cfg = model_config_from(meta)
     vocab = meta["vocab"]
-    model = build_model(cfg, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]))
+    opts = opts or FastOptions(reference=True)
+    model = build_model(cfg, len(vocab["question_token_to_idx"]), len(vocab["answer_token_to_idx"]), opts, device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{checkpoint}: weights do not fit a {cfg.arch} model with its saved config "

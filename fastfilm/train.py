@@ -16,29 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import ModelConfig, TrainConfig, model_config
 from fastfilm.errors import UserError
 from fastfilm.evaluate import accuracy_report, predict, resolve_device
+from fastfilm.fastpath import FastOptions, Predictor, TrainStep, build_model, build_optimizer, length_buckets, pad_batch
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def build_trainable(model_cfg: ModelConfig, vocab_size: int, num_answers: int, cfg: TrainConfig,
-                    device: torch.device):
-    """(model, optimizer). The one place where the training-time model is chosen."""
-    from fastfilm.model import build_model
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, vocab_size, num_answers).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return model, opt
 
 
 def _rng_state() -> dict:
@@ -87,10 +75,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
     if (train_split.answers < 0).any():
         raise UserError(f"{cfg.data}: the train split has questions without answers")
     num_answers = len(vocab["answer_token_to_idx"])
-    model, opt = build_trainable(model_cfg, len(vocab["question_token_to_idx"]), num_answers, cfg, device)
+    opts = FastOptions.from_train_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, len(vocab["question_token_to_idx"]), num_answers, opts, device)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, opts, device)
+    step_fn = TrainStep(model, opt, opts, device)
+    predictor = Predictor(model, opts, device, batch_size=cfg.eval_batch_size if opts.compile else None)
+    # Compiled graphs are specialised to shapes: a few question-length buckets, full batches.
+    buckets = lambda split: length_buckets(split.questions.shape[1]) if opts.compile else None
     loader = Loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
-                    limit=cfg.max_train_questions)
-    val_loader = Loader(val_split, cfg.eval_batch_size, shuffle=False, device=device)
+                    limit=cfg.max_train_questions, buckets=buckets(train_split))
+    val_loader = Loader(val_split, cfg.eval_batch_size, shuffle=False, device=device, buckets=buckets(val_split))
 
     s = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0,
          "best_report": None, "elapsed_s": 0.0}
@@ -108,7 +103,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
         })
 
     def evaluate_val() -> dict:
-        preds = predict(model, val_loader, device)
+        preds = predict(predictor, val_loader, device)
         return accuracy_report(preds, val_split.answers, val_split.types, val_split.families)
 
     t_start = time.perf_counter() - s["elapsed_s"]
@@ -123,19 +118,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
                    desc=f"epoch {s['epoch'] + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
             s["batch"] += 1
-            if len(batch) == 1:
-                # Training-mode BN is undefined on one sample; only a last partial batch can be
-                # this small, and its question comes round again next epoch in another batch.
-                continue
             batch = batch.to(device, non_blocking=True)
-            logits = model(batch.images, batch.questions, batch.lengths)
-            loss = F.cross_entropy(logits, batch.answers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * batch.answers.numel()
-            correct += (logits.detach().argmax(1) == batch.answers).sum()
-            seen += batch.answers.numel()
+            n = len(batch)
+            tensors, weight = [batch.images, batch.questions, batch.lengths, batch.answers], None
+            if n < cfg.batch_size and (opts.compile or n == 1):
+                # Static shapes for the compiled step (no recompile on the last batch), and
+                # training-mode BN needs more than one sample: pad with weight-0 repeats.
+                tensors, weight = pad_batch(cfg.batch_size, *tensors)
+            loss, hits = step_fn(*tensors, weight=weight)
+            loss_sum += loss * n
+            correct += hits
+            seen += n
             s["step"] += 1
             if s["step"] % cfg.log_every == 0:
                 # The only host syncs of the loop: loss check and progress display.

@@ -269,3 +269,24 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="--min-pixels"):
         generate.run(dataclasses.replace(CFG, out=str(out), train_images=1, val_images=0, test_images=0,
                                          image_width=16, image_height=16, max_objects=3, min_pixels=100000))
+
+
+def test_zoom_enlarges_objects_and_keeps_them_in_view():
+    """Same layouts seen with zoom 1.6: objects cover ~zoom^2 more pixels, none leaves the frame."""
+    from fastfilm.data.scene import sample_scene
+
+    plain, zoomed = [], []
+    for seed in range(6):
+        for zoom, out in ((1.0, plain), (1.6, zoomed)):
+            sample = sample_scene(np.random.default_rng(seed), 4, 96, 64, zoom=zoom)
+            _, visible = render(sample)
+            out.append(visible.sum() / len(visible))
+            pix = np.array([o["pixel_coords"] for o in sample.scene["objects"]])
+            assert ((pix[:, 0] >= 0) & (pix[:, 0] < 96) & (pix[:, 1] >= 0) & (pix[:, 1] < 64)).all()
+    assert np.mean(zoomed) > 1.8 * np.mean(plain)
+
+
+def test_zoom_out_of_range_is_refused(tmp_path):
+    cfg = GenerateConfig(out=str(tmp_path / "x"), train_images=1, val_images=0, zoom=5.0)
+    with pytest.raises(UserError, match="--zoom"):
+        generate.run(cfg)

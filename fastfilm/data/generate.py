@@ -54,6 +54,8 @@ def _check(cfg: GenerateConfig) -> list[Family]:
                         f"got {cfg.min_objects} and {cfg.max_objects}")
     if cfg.cogent not in ("", "A", "B"):
         raise UserError(f"--cogent: must be A, B or empty, got {cfg.cogent!r}")
+    if not 1.0 <= cfg.zoom <= 3.0:
+        raise UserError(f"--zoom: must be between 1 and 3, got {cfg.zoom}")
     if cfg.min_pixels < 0 or not 1 <= cfg.supersample <= 4:
         raise UserError("--min-pixels must be >= 0 and --supersample between 1 and 4")
     if cfg.train_images + cfg.val_images + cfg.test_images == 0:
@@ -83,7 +85,7 @@ def sample_visible(cfg: GenerateConfig, split: str, index: int) -> tuple[SceneSa
     min_px = cfg.min_pixels * cfg.image_width * cfg.image_height / CLEVR_AREA
     for _ in range(MAX_SCENE_ATTEMPTS):
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-        sample = sample_scene(rng, n, cfg.image_width, cfg.image_height, cfg.cogent)
+        sample = sample_scene(rng, n, cfg.image_width, cfg.image_height, cfg.cogent, cfg.zoom)
         image, visible = render(sample, cfg.supersample)
         if visible.min() >= min_px:
             return sample, image

@@ -59,11 +59,12 @@ class Camera:
     rotation: np.ndarray  # [3, 3]
     width: int
     height: int
+    zoom: float = 1.0  # focal length multiplier (1: CLEVR's 35 mm lens)
 
     @property
     def focal_px(self) -> float:
         # Blender's AUTO sensor fit: the sensor spans the larger image side.
-        return max(self.width, self.height) * LENS_MM / SENSOR_MM
+        return max(self.width, self.height) * LENS_MM / SENSOR_MM * self.zoom
 
     def project(self, points: np.ndarray) -> np.ndarray:
         """World points [N, 3] -> [N, 3] of (x pixel, y pixel from the top, depth along the view)."""
@@ -154,13 +155,14 @@ def sample_lights(rng: np.random.Generator) -> Lights:
     return Lights(key=toward(-10.0, 50.0), fill=toward(-105.0, 35.0), back=toward(137.0, 55.0))
 
 
-def _place(rng: np.random.Generator, radii: list[float], directions: dict) -> np.ndarray | None:
+def _place(rng: np.random.Generator, radii: list[float], directions: dict,
+           place_range: float = PLACE_RANGE) -> np.ndarray | None:
     """Centers [N, 2] obeying CLEVR's MIN_DIST and MARGIN rules, or None if a layout got stuck."""
     axes = [directions["left"][:2], directions["behind"][:2]]
     xs, ys = np.empty(len(radii)), np.empty(len(radii))
     for k, r in enumerate(radii):
         for _ in range(MAX_TRIES // TRY_BATCH):
-            cx, cy = rng.uniform(-PLACE_RANGE, PLACE_RANGE, size=(2, TRY_BATCH))
+            cx, cy = rng.uniform(-place_range, place_range, size=(2, TRY_BATCH))
             dx, dy = cx[:, None] - xs[None, :k], cy[:, None] - ys[None, :k]  # [T, k]
             ok = (np.sqrt(dx * dx + dy * dy) - r - np.asarray(radii[:k]) >= MIN_DIST).all(axis=1)
             for ax, ay in axes:
@@ -177,17 +179,21 @@ def _place(rng: np.random.Generator, radii: list[float], directions: dict) -> np
 
 
 def sample_scene(rng: np.random.Generator, num_objects: int, width: int, height: int,
-                 cogent: str = "") -> SceneSample:
-    """A random scene of `num_objects` objects seen by a jittered CLEVR camera."""
+                 cogent: str = "", zoom: float = 1.0) -> SceneSample:
+    """A random scene of `num_objects` objects seen by a jittered CLEVR camera.
+
+    zoom > 1 narrows the field of view and the placement area by the same factor, so
+    objects appear `zoom` times larger and still fit the frame (small images need it).
+    """
     rotation = camera_rotation()
     camera = Camera(np.asarray(CAMERA_LOCATION) + rng.uniform(-CAMERA_JITTER, CAMERA_JITTER, 3),
-                    rotation, width, height)
+                    rotation, width, height, zoom)
     lights = sample_lights(rng)
     directions = directions_of(rotation)
     size_names = list(SIZES)
     while True:
         sizes = [size_names[i] for i in rng.integers(0, len(size_names), num_objects)]
-        centers = _place(rng, [SIZES[s] for s in sizes], directions)
+        centers = _place(rng, [SIZES[s] for s in sizes], directions, PLACE_RANGE / zoom)
         if centers is not None:
             break
     objects = []
