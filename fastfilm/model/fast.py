@@ -1,0 +1,334 @@
+"""The fast FiLM model: the reference network's parameters, computed faster.
+
+FastFiLMNet has exactly FiLMNet's parameters, buffers and state_dict keys (a checkpoint of
+one loads strictly into the other) and computes the same function. What differs is how:
+- Question encoder: the GRU's input projection is applied once to the vocabulary table
+  ([V, 3H], V << B*L on CLEVR) and gathered per token, instead of once per token; the
+  recurrence is one opaque op (`torch.ops.fastfilm.gru_last_state`: per token one addmm and
+  four pointwise ops; backward three ops per token and one matmul per weight) so that
+  torch.compile neither breaks the graph on nn.GRU nor unrolls L steps into it (minutes of
+  compile time per length). On the CPU it packs rows: each question stops at its length.
+- channels_last activations through the visual pipeline.
+- Coordinate maps enter every 1x1 conv as a per-position bias ([1, C_out, h, w], from the
+  weight's last two input channels) instead of a concatenated copy of the activations.
+- Every ResBlock in the paper's configuration (FiLM after BN, batch norm, residual) ends in
+  fastfilm.ops.bn_film_relu_residual; in eval it folds the running statistics. Other block
+  configurations use the reference ResBlock unchanged (chosen at construction).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastfilm.config import ModelConfig
+from fastfilm.model.reference import Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks
+from fastfilm.ops import bn_film_relu_residual
+
+# ---------------------------------------------------------------- GRU recurrence op
+
+
+def _active_rows(lengths: Tensor, steps: int, pack: bool) -> list[int]:
+    """Rows computed at each step: [steps] ints; with `pack`, only rows still inside their
+    question (lengths sorted longest first, read on the host), else all of them."""
+    if not pack:
+        return [lengths.numel()] * steps
+    lens = lengths.clamp(1, steps)
+    if (lens[1:] > lens[:-1]).any():
+        raise ValueError("gru_last_state packs rows: lengths must be sorted longest first")
+    return (lens.numel() - torch.bincount(lens, minlength=steps + 1).cumsum(0))[:steps].tolist()
+
+
+def _gru_forward(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool,
+                 save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gi: [L, B, 3H] input gates (x W_ih^T + b_ih, gate order r, z, n); w_hh: [3H, H]; b_hh: [3H];
+    lengths: [B] (longest first if `pack`). Returns last [B, H], the state after each row's last
+    token, then states [L, B, H], gh [L, B, 3H] (h W_hh^T + b_hh) and gates [L, B, 3H] (r, z, n)
+    for the backward (gh and gates: one scratch step unless `save`). Packed rows stop at their
+    length; the entries they leave unwritten are zeros so that the backward's products stay finite."""
+    L, B, G = gi.shape
+    H = G // 3
+    active = _active_rows(lengths, L, pack)
+    alloc = gi.new_zeros if active[-1] < B else gi.new_empty
+    states = alloc(L, B, H)
+    gh_all, gates = alloc(L if save else 1, B, G), alloc(L if save else 1, B, G)
+    h = gi.new_zeros(B, H)
+    w_t = w_hh.t()
+    for t, n in enumerate(active):
+        k = t if save else 0
+        gh = torch.addmm(b_hh, h[:n], w_t, out=gh_all[k, :n])
+        rz = torch.add(gi[t, :n, :2 * H], gh[:, :2 * H], out=gates[k, :n, :2 * H]).sigmoid_()
+        c = torch.addcmul(gi[t, :n, 2 * H:], rz[:, :H], gh[:, 2 * H:], out=gates[k, :n, 2 * H:]).tanh_()
+        h = torch.lerp(c, h[:n], rz[:, H:], out=states[t, :n])  # (1 - z) * c + z * h
+    last = states[(lengths - 1).clamp(0, L - 1), torch.arange(B, device=gi.device)]
+    return last, states, gh_all, gates
+
+
+def _gru_backward(dlast: Tensor, lengths: Tensor, pack: bool, states: Tensor, gh_all: Tensor, gates: Tensor,
+                  w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """dlast: [B, H]; lengths: [B]; states: [L, B, H]; gh_all, gates: [L, B, 3H]; w_hh: [3H, H].
+    Returns dgi [L, B, 3H], dw_hh [3H, H], db_hh [3H]."""
+    L, B, H = states.shape
+    active = _active_rows(lengths, L, pack)
+    r, z, c = gates.split(H, dim=2)  # [L, B, H] each
+    h_prev = torch.cat([states.new_zeros(1, B, H), states[:-1]])
+    # Every gate gradient is dh (the gradient reaching h_t) times a coefficient that does
+    # not depend on dh: compute those for all steps at once, so that the sequential loop is
+    # three ops per step.
+    one_z = 1 - z
+    dc = one_z * (1 - c * c)                                 # d pre-tanh / dh
+    dz = (h_prev - c) * z * one_z                            # d pre-sigmoid(z) / dh
+    dr = dc * gh_all[:, :, 2 * H:] * r * (1 - r)             # d pre-sigmoid(r) / dh
+    coef = torch.stack([dr, dz, dc * r], dim=2)              # [L, B, 3, H]: d gh / dh
+    dlast_at = torch.zeros_like(states)                      # dlast where each row's state was read
+    dlast_at[(lengths - 1).clamp(0, L - 1), torch.arange(B, device=states.device)] = dlast
+    dgh = torch.zeros_like(coef)
+    dh_all = torch.zeros_like(states)                        # dh_all[t]: gradient reaching h_t
+    dh = torch.zeros_like(dlast)
+    for t in range(L - 1, -1, -1):
+        n = active[t]
+        torch.add(dh[:n], dlast_at[t, :n], out=dh_all[t, :n])
+        torch.mul(coef[t, :n], dh_all[t, :n, None], out=dgh[t, :n])
+        if t > 0:  # h_{t-1} reaches h_t through z * h_{t-1} and through gh
+            torch.addmm(dh_all[t, :n] * z[t, :n], dgh[t, :n].view(n, 3 * H), w_hh, out=dh[:n])
+    dgi = dgh.clone()
+    torch.mul(dc, dh_all, out=dgi[:, :, 2])  # the input part of the candidate is not scaled by r
+    dgh, dgi = dgh.view(L * B, 3 * H), dgi.view(L, B, 3 * H)
+    # Weight gradients of all steps in one matmul.
+    dw_hh = dgh.t() @ h_prev.reshape(L * B, H)
+    return dgi, dw_hh, dgh.sum(0)
+
+
+@torch.library.custom_op("fastfilm::gru_last_state", mutates_args=())
+def _gru_op(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool,
+            save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _gru_forward(gi, w_hh, b_hh, lengths, pack, save)
+
+
+@_gru_op.register_fake
+def _(gi, w_hh, b_hh, lengths, pack, save):
+    L, B, G = gi.shape
+    steps = L if save else 1
+    return gi.new_empty(B, G // 3), gi.new_empty(L, B, G // 3), gi.new_empty(steps, B, G), gi.new_empty(steps, B, G)
+
+
+@torch.library.custom_op("fastfilm::gru_last_state_backward", mutates_args=())
+def _gru_bwd_op(dlast: Tensor, lengths: Tensor, pack: bool, states: Tensor, gh_all: Tensor, gates: Tensor,
+                w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _gru_backward(dlast, lengths, pack, states, gh_all, gates, w_hh)
+
+
+@_gru_bwd_op.register_fake
+def _(dlast, lengths, pack, states, gh_all, gates, w_hh):
+    return torch.empty_like(gh_all), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0])
+
+
+def _gru_setup(ctx, inputs, output) -> None:
+    gi, w_hh, b_hh, lengths, pack, save = inputs
+    ctx.saved, ctx.pack = save, pack
+    ctx.save_for_backward(lengths, *output[1:], w_hh)
+
+
+def _gru_grad(ctx, dlast, *_unused):
+    if not ctx.saved:
+        raise RuntimeError("gru_last_state ran without saving its activations and cannot be differentiated")
+    lengths, states, gh_all, gates, w_hh = ctx.saved_tensors
+    dgi, dw_hh, db_hh = _gru_bwd_op(dlast.contiguous(), lengths, ctx.pack, states, gh_all, gates, w_hh)
+    return dgi, dw_hh, db_hh, None, None, None
+
+
+_gru_op.register_autograd(_gru_grad, setup_context=_gru_setup)
+
+
+def gru_last_state(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool | None = None) -> Tensor:
+    """The GRU state (h0 = 0, PyTorch's gate equations) after each row's last real token.
+
+    gi: [L, B, 3H] input gates; w_hh: [3H, H]; b_hh: [3H]; lengths: [B] real tokens per row.
+    pack: compute each row only up to its length (lengths sorted longest first). Packing reads
+    the lengths on the host, so by default it is done only for CPU tensors (elsewhere it
+    would cost a device sync per call). Returns [B, H] in the dtype of gi.
+    """
+    w_hh, b_hh = w_hh.to(gi.dtype), b_hh.to(gi.dtype)
+    pack = lengths.device.type == "cpu" if pack is None else pack
+    save = torch.is_grad_enabled() and (gi.requires_grad or w_hh.requires_grad or b_hh.requires_grad)
+    return _gru_op(gi.contiguous(), w_hh.contiguous(), b_hh, lengths, pack, save)[0]
+
+
+# ---------------------------------------------------------------- modules
+
+
+class GRUWeights(nn.Module):
+    """nn.GRU's parameters (same names, shapes and initialisation) without its forward,
+    which torch.compile cannot trace without unrolling every time step."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        bound = hidden_size ** -0.5
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+
+class FastQuestionEncoder(nn.Module):
+    """QuestionEncoder's parameters; the state at the last real token, gathered on device."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, rnn_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.rnn = GRUWeights(embed_dim, rnn_dim)
+
+    def input_gates(self, questions: Tensor) -> Tensor:
+        """questions: [B, L] -> x W_ih^T + b_ih: [L, B, 3H] (time-major for the recurrence)."""
+        w, b = self.rnn.weight_ih_l0, self.rnn.bias_ih_l0
+        tokens = questions.t()
+        if tokens.numel() < self.embed.num_embeddings:  # tiny batches: project the tokens
+            return F.linear(F.embedding(tokens, self.embed.weight, padding_idx=0), w, b)
+        # Project the vocabulary once and gather. Row 0 (<NULL>) is detached to keep
+        # nn.Embedding(padding_idx=0)'s rule that the padding row gets no gradient.
+        table = torch.cat([self.embed.weight[:1].detach(), self.embed.weight[1:]])
+        return F.embedding(tokens, F.linear(table, w, b))
+
+    def forward(self, questions: Tensor, lengths: Tensor) -> Tensor:
+        """questions: [B, L], lengths: [B] -> [B, rnn_dim]."""
+        # Longest question first, so that on the CPU the recurrence can drop each row after its
+        # last real token (padding follows it and a GRU only looks backwards: the state there
+        # never sees padding). Sorting and gathering happen on the device: no host sync.
+        order = torch.argsort(lengths, descending=True, stable=True)
+        last = gru_last_state(self.input_gates(questions[order]), self.rnn.weight_hh_l0, self.rnn.bias_hh_l0,
+                              lengths[order])
+        return torch.empty_like(last).index_copy_(0, order, last)  # [B, H] in the input order
+
+
+def _gamma_linear(raw: Tensor) -> Tensor:
+    return 1 + raw
+
+
+_GAMMA = {"linear": _gamma_linear, "one": torch.ones_like, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+          "exp": torch.exp}
+_BETA = {"linear": lambda raw: raw, "zero": torch.zeros_like}
+
+
+class FastFiLMGenerator(FiLMGenerator):
+    """FiLMGenerator with the gamma/beta parametrisation picked at construction."""
+
+    def __init__(self, rnn_dim: int, num_film: int, channels: int, gamma: str, beta: str):
+        super().__init__(rnn_dim, num_film, channels, gamma, beta)
+        self.gamma_fn, self.beta_fn = _GAMMA[gamma], _BETA[beta]
+
+    def forward(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """q: [B, rnn_dim] -> gamma, beta: [B, num_film, C]."""
+        out = self.linear(q).view(q.size(0), self.num_film, 2, self.channels)
+        return self.gamma_fn(out[:, :, 0]), self.beta_fn(out[:, :, 1])
+
+
+def conv1x1_coords(x: Tensor, conv: nn.Conv2d, coords: bool) -> Tensor:
+    """conv(cat(x, coord maps)) without the concatenation. x: [B, C, h, w] -> [B, C_out, h, w].
+    The two coordinate input channels only add a [1, C_out, h, w] per-position bias."""
+    if not coords:
+        return conv(x)
+    c = x.size(1)
+    w = conv.weight
+    out = F.conv2d(x, w[:, :c], conv.bias)
+    # Pointwise rather than a conv on the [1, 2, h, w] maps: a 2-channel conv falls back to
+    # ATen's slow path (~ms per call), while this fuses into the next op under compile.
+    xy = coord_map(x.size(2), x.size(3), out)[0]  # [2, h, w]
+    return out + (w[:, c] * xy[0] + w[:, c + 1] * xy[1])[None]
+
+
+class FastStem(Stem):
+    """The reference stem, normalising uint8 pixels straight into channels_last."""
+
+    def __init__(self, cfg: ModelConfig, channels_last: bool):
+        super().__init__(cfg)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: [B, 3, S, S] uint8 (or [B, F, h, w] features) -> [B, C, h, w]."""
+        x = images.float()
+        if self.pixels:
+            x = (x / 255 - self.mean) / self.std
+        return self.layers(x.contiguous(memory_format=self.memory_format))
+
+
+class FusedResBlock(nn.Module):
+    """The paper's ResBlock (FiLM after BN, batch norm, residual); same parameters as ResBlock.
+    fused=False computes the same tail as separate torch ops (the ablation)."""
+
+    def __init__(self, cfg: ModelConfig, fused: bool = True):
+        super().__init__()
+        c, k = cfg.channels, cfg.conv2_kernel
+        self.coords, self.fused = cfg.coords, fused
+        self.conv1 = nn.Conv2d(c + 2 * cfg.coords, c, 1)
+        self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c, affine=False)
+        self.tail = self._fused_tail if fused else self._unfused_tail
+
+    def _fused_tail(self, y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        bn = self.bn
+        if self.training:
+            # F.batch_norm counts the batches; the fused op only updates the statistics.
+            bn.num_batches_tracked.add_(1)
+        return bn_film_relu_residual(y, x, gamma, beta, bn.running_mean, bn.running_var, training=self.training,
+                                     momentum=bn.momentum, eps=bn.eps)
+
+    def _unfused_tail(self, y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        return x + F.relu(gamma[:, :, None, None] * self.bn(y) + beta[:, :, None, None])
+
+    def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
+        x = F.relu(conv1x1_coords(x, self.conv1, self.coords))
+        return self.tail(self.conv2(x), x, gamma, beta)
+
+
+class FastClassifier(Classifier):
+    """The reference classifier with the coordinate maps as a bias of its 1x1 conv."""
+
+    def pool(self, x: Tensor) -> Tensor:
+        """x: [B, C, h, w] -> [B, classifier_proj]."""
+        x = F.relu(self.bn(conv1x1_coords(x, self.conv, self.coords)))
+        return torch.amax(x, dim=(2, 3))
+
+
+def is_paper_block(cfg: ModelConfig, filmed: bool) -> bool:
+    """Whether a ResBlock has the paper's structure that the fused op implements."""
+    return filmed and cfg.film_position == "after_bn" and cfg.batchnorm and cfg.residual
+
+
+class FastFiLMNet(nn.Module):
+    """FiLMNet's parameters and function, computed with the fast path (see module docstring).
+
+    Inputs and output as FiLMNet: images [B, 3, S, S] uint8 (any memory format), questions
+    [B, L] int64, lengths [B] int64 -> logits [B, num_answers]. `fused=False` uses separate
+    torch ops for the ResBlock tail; `channels_last=False` keeps NCHW activations.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int, *, fused: bool = True,
+                 channels_last: bool = True):
+        super().__init__()
+        if cfg.arch != "film":
+            raise ValueError(f"FastFiLMNet implements arch 'film', not {cfg.arch!r}")
+        self.cfg = cfg
+        self.filmed = parse_film_blocks(cfg.film_blocks, cfg.num_blocks)
+        num_film = sum(self.filmed)
+        self.question = FastQuestionEncoder(vocab_size, cfg.embed_dim, cfg.rnn_dim)
+        self.film_generator = (FastFiLMGenerator(cfg.rnn_dim, num_film, cfg.channels, cfg.gamma, cfg.beta)
+                               if num_film else None)
+        self.stem = FastStem(cfg, channels_last)
+        self.blocks = nn.ModuleList(FusedResBlock(cfg, fused) if is_paper_block(cfg, f) else ResBlock(cfg, f)
+                                    for f in self.filmed)
+        # Block i takes (gamma, beta)[:, film_index[i]]; -1: no FiLM.
+        self.film_index = [sum(self.filmed[:i]) if f else -1 for i, f in enumerate(self.filmed)]
+        self.classifier = FastClassifier(cfg, num_answers)
+
+    def forward(self, images: Tensor, questions: Tensor, lengths: Tensor) -> Tensor:
+        if self.film_generator is not None:
+            gammas, betas = self.film_generator(self.question(questions, lengths))  # [B, num_film, C] each
+        x = self.stem(images)  # [B, C, h, w], channels_last
+        for block, j in zip(self.blocks, self.film_index):
+            x = block(x, gammas[:, j], betas[:, j]) if j >= 0 else block(x, None, None)
+        return self.classifier(x)  # [B, num_answers]
