@@ -136,6 +136,11 @@ class TrainConfig:
     fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
     channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
     apex: bool = _f(False, "use NVIDIA apex FusedAdam if genuine apex is installed (else torch's fused/foreach Adam)")
+    # Data-parallel training under torchrun (fastfilm/distributed.py, docs/distributed.md).
+    sync_bn: bool = _f(False, "under torchrun: batch norm statistics over the global batch instead of per rank "
+                       "(turns the fused ResBlock op off: it keeps per-rank statistics)")
+    dist_timeout_s: float = _f(600.0, "under torchrun: seconds a collective may wait before the job fails with an "
+                               "error (a crashed or stalled rank); raise it if first-step compilation is slower")
 
 
 @dataclass
@@ -163,6 +168,13 @@ class AnswerConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
 
 
+# Zero-hop questions of all five types: what a small model learns within minutes on a CPU.
+QUICKSTART_FAMILIES = ",".join([
+    "zero_hop_exist", "zero_hop_count", "zero_hop_query_color", "zero_hop_query_shape", "zero_hop_query_material",
+    "zero_hop_query_size", "compare_integer_equal", "compare_integer_less", "compare_integer_greater",
+    "compare_color", "compare_shape", "compare_material", "compare_size"])
+
+
 @dataclass
 class QuickstartConfig:
     """`fastfilm quickstart`: generate a small dataset, train FiLM and the baselines, print the table."""
@@ -173,8 +185,9 @@ class QuickstartConfig:
     image_width: int = _f(96, "rendered width (small: the cpu preset sees 64x64)")
     image_height: int = _f(64, "rendered height")
     min_objects: int = _f(3, "fewest objects per scene")
-    max_objects: int = _f(6, "most objects per scene")
-    families: str = _f("", "question families to generate (empty: all)")
+    max_objects: int = _f(5, "most objects per scene")
+    zoom: float = _f(1.6, "camera zoom, so that objects stay several pixels wide at 64x64")
+    families: str = _f(QUICKSTART_FAMILIES, "question families to generate (empty: all)")
     preset: str = _f("cpu", "model preset for FiLM and the baselines")
     film_minutes: float = _f(5.0, "training budget for FiLM")
     baseline_minutes: float = _f(1.0, "training budget for each neural baseline")

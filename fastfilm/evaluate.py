@@ -28,6 +28,8 @@ def predict(forward, loader, device: torch.device, *, progress: bool = False) ->
     """Predicted answer ids for every question of the loader's split, in question order: [Q].
 
     forward(images, questions, lengths) -> logits: an eval-mode model or a fastpath.Predictor.
+    With a sharded loader (rank, world) the other shards' questions stay -1; every rank's
+    predictions are merged by distributed.Dist.merge_predictions.
     """
     from tqdm import tqdm
 
@@ -81,21 +83,34 @@ def format_table(rows: dict[str, dict]) -> str:
 
 
 def run(cfg: EvalConfig) -> int:
+    """`fastfilm eval`; under torchrun every rank predicts its shard of the split and rank 0
+    reports on the merged predictions (each question counted once)."""
+    from fastfilm import distributed
+
+    with distributed.session(cfg.device) as dctx:
+        return _run(cfg, dctx)
+
+
+def _run(cfg: EvalConfig, dctx) -> int:
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
     from fastfilm.fastpath import FastOptions, Predictor, length_buckets
     from fastfilm.inference import check_vocab_matches, load_model
 
-    device = resolve_device(cfg.device)
+    device = dctx.device
     opts = FastOptions(reference=cfg.reference, amp=cfg.amp, compile=cfg.compile)
     model, meta = load_model(cfg.checkpoint, device, opts)
     cache = prepare(cfg.data, meta["model_config"]["image_size"], splits=(cfg.split,))
     check_vocab_matches(meta, cache, cfg.data)
     split = load_split(cache, cfg.split)
     buckets = length_buckets(split.questions.shape[1]) if opts.compile else None
-    loader = Loader(split, cfg.batch_size, shuffle=False, device=device, buckets=buckets)
+    loader = Loader(split, cfg.batch_size, shuffle=False, device=device, buckets=buckets,
+                    shard=(dctx.rank, dctx.world_size))
     predictor = Predictor(model, opts, device, batch_size=cfg.batch_size if opts.compile else None)
-    preds = predict(predictor, loader, device, progress=sys.stderr.isatty())
+    preds = predict(predictor, loader, device, progress=sys.stderr.isatty() and dctx.is_main)
+    preds = dctx.merge_predictions(preds)
+    if not dctx.is_main:
+        return 0
     report = accuracy_report(preds, split.answers, split.types, split.families)
     if cfg.predictions:
         from fastfilm.checkpoint import atomic_write

@@ -24,7 +24,7 @@ def _generate(cfg: QuickstartConfig, data: Path) -> None:
     gen = GenerateConfig(out=str(data), train_images=cfg.train_images, val_images=cfg.val_images,
                          questions_per_image=cfg.questions_per_image, image_width=cfg.image_width,
                          image_height=cfg.image_height, min_objects=cfg.min_objects,
-                         max_objects=cfg.max_objects, families=cfg.families, seed=cfg.seed)
+                         max_objects=cfg.max_objects, zoom=cfg.zoom, families=cfg.families, seed=cfg.seed)
     generate(gen)
 
 
