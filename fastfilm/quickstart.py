@@ -53,13 +53,13 @@ def run(cfg: QuickstartConfig) -> int:
     print(f"[quickstart] data ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     rows: dict[str, dict] = {"Q-type": _qtype(cache)}
-    runs = [("question_only", "GRU (question only)", cfg.baseline_minutes),
-            ("cnn_gru", "CNN+GRU", cfg.baseline_minutes),
+    runs = [("question_only", "GRU (question only)", cfg.question_only_minutes),
+            ("cnn_gru", "CNN+GRU", cfg.cnn_gru_minutes),
             ("film", "CNN+GRU+FiLM", cfg.film_minutes)]
     for arch, title, minutes in runs:
         tcfg = TrainConfig(data=str(cache), out=str(out / "runs" / arch), preset=cfg.preset, epochs=cfg.epochs,
                            batch_size=cfg.batch_size, lr=cfg.lr, patience=0, max_minutes=minutes, seed=cfg.seed,
-                           reference=cfg.reference)
+                           reference=cfg.reference, compile=cfg.compile)
         print(f"[quickstart] training {title} for up to {minutes:g} min", file=sys.stderr)
         metrics = train(tcfg, model_config(cfg.preset, arch=arch))
         rows[title] = {"accuracy": metrics["val_accuracy"], "per_type": metrics["per_type"]}
