@@ -7,15 +7,15 @@ and written to benchmarks/results/NAME.json together with the machine and commit
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from fastfilm.atomic import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -111,11 +111,4 @@ def ratios(results: dict[str, dict], baseline: str) -> dict[str, float]:
 def write_results(name: str, payload: dict, directory: Path | None = None) -> Path:
     """Atomically write {machine, **payload} to benchmarks/results/NAME.json."""
     directory = directory or RESULTS
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    body = json.dumps({"machine": machine(), **payload}, indent=2, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(body + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(directory / f"{name}.json", {"machine": machine(), **payload})

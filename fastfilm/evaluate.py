@@ -113,7 +113,7 @@ def _run(cfg: EvalConfig, dctx) -> int:
         return 0
     report = accuracy_report(preds, split.answers, split.types, split.families)
     if cfg.predictions:
-        from fastfilm.checkpoint import atomic_write
+        from fastfilm.atomic import atomic_write
 
         answers = meta["vocab"]["answer_token_to_idx"]
         idx_to_answer = {i: a for a, i in answers.items()}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-from fastfilm.checkpoint import write_json
+from fastfilm.atomic import write_json
 from fastfilm.config import GenerateConfig, QuickstartConfig, TrainConfig, model_config
 
 

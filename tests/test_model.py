@@ -1,5 +1,4 @@
 """The reference model: shapes, padding invariance, ablation switches, baselines."""
-import dataclasses
 
 import numpy as np
 import pytest

@@ -1,9 +1,7 @@
 """The trainer: overfitting, exact resume, non-finite loss, atomic checkpoints, vocab checks."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
 
 import pytest
 import torch

@@ -27,6 +27,7 @@ import numpy as np
 from fastfilm.data import reader
 from fastfilm.data.decode import decode_images, resolve_backend
 from fastfilm.data.vocab import SPECIAL_TOKENS, UNK, Vocab, tokenize
+from fastfilm.atomic import current_umask, write_json
 from fastfilm.errors import UserError
 
 FORMAT = "fastfilm-cache"
@@ -240,7 +241,7 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
         family_types = reader.family_type_map(questions.values())
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared dataset's cache from others
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared dataset's cache from others
     try:
         vocab.save(tmp / "vocab.json")
         splits_meta = {}
@@ -252,7 +253,7 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
                 "image_size": image_size, "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
                 "decoder": backend, "built_s": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits_meta}
-        _write_json(tmp / META, meta)  # last: only now is the directory a cache
+        write_json(tmp / META, meta)  # last: only now is the directory a cache
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,27 +288,13 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
               "types": np.array(q.types, dtype=np.int64)[keep], "families": np.array(q.families, dtype=np.int64)[keep]}
     for name, arr in arrays.items():
         np.save(out / f"{name}.npy", arr)
-    _write_json(out / "images.json", files)
+    write_json(out / "images.json", files)
     return {"questions": len(encoded), "images": len(files), "max_length": int(lengths.max()),
             "skipped_records": len(q.skipped), "skipped_images": len(bad),
             "skipped_questions": int((~keep).sum()),
             "unknown_words": int((tokens == SPECIAL_TOKENS[UNK]).sum()),
             "unknown_answers": int(((answers == unk_answer) & (answers >= 0)).sum()),
             "skipped": (q.skipped + [f"{data / 'images' / files[i]}: {r}" for i, r in bad])[:100]}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -11,12 +11,10 @@ balanced in image order in this process, so the bytes do not depend on the worke
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing as mp
 import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from fastfilm.config import GenerateConfig
 from fastfilm.data.questions import FAMILIES, FAMILY_BY_NAME, Balancer, Family, family_table, question_pools
 from fastfilm.data.render import render
 from fastfilm.data.scene import SceneSample, sample_scene
+from fastfilm.atomic import write_json
 from fastfilm.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -141,18 +140,6 @@ def _work(task: tuple[str, int]) -> tuple[dict, list]:
     return scene, pools
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a temp file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(payload))  # dumps uses the C encoder; dump(f) streams through the Python one
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _info(cfg: GenerateConfig, split: str) -> dict:
     return {"split": split, "version": "1.0", "generator": "fastfilm generate", "seed": cfg.seed,
             "cogent": cfg.cogent, "image_size": [cfg.image_width, cfg.image_height],
@@ -205,8 +192,8 @@ def run(cfg: GenerateConfig) -> int:
                 questions.append(q)
             scenes.append(scene)
         if split != "test":
-            _write_json(out / "scenes" / f"CLEVR_{split}_scenes.json", {"info": _info(cfg, split), "scenes": scenes})
+            write_json(out / "scenes" / f"CLEVR_{split}_scenes.json", {"info": _info(cfg, split), "scenes": scenes}, indent=None)
         info = {**_info(cfg, split), "question_families": family_table()}
-        _write_json(out / "questions" / f"CLEVR_{split}_questions.json", {"info": info, "questions": questions})
+        write_json(out / "questions" / f"CLEVR_{split}_questions.json", {"info": info, "questions": questions}, indent=None)
         print(f"{split}: {n} images, {len(questions)} questions -> {out}")
     return 0

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastfilm.atomic import write_json
 from fastfilm.errors import UserError
 
 NULL, START, END, UNK = "<NULL>", "<START>", "<END>", "<UNK>"
@@ -129,20 +128,7 @@ class Vocab:
 
     def save(self, path: str | Path) -> Path:
         """Write vocab.json atomically (temp file in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a vocab.json is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json(path, self.to_json(), indent=1)
 
     def fingerprint(self) -> str:
         """Short hash of the three tables: equal iff every token keeps its id."""
