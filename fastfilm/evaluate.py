@@ -94,7 +94,7 @@ def run(cfg: EvalConfig) -> int:
 def _run(cfg: EvalConfig, dctx) -> int:
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.fastpath import FastOptions, Predictor, length_buckets
+    from fastfilm.fastpath import FastOptions, Predictor, loader_buckets
     from fastfilm.inference import check_vocab_matches, load_model
 
     device = dctx.device
@@ -103,10 +103,9 @@ def _run(cfg: EvalConfig, dctx) -> int:
     cache = prepare(cfg.data, meta["model_config"]["image_size"], splits=(cfg.split,))
     check_vocab_matches(meta, cache, cfg.data)
     split = load_split(cache, cfg.split)
-    buckets = length_buckets(split.questions.shape[1]) if opts.compile else None
-    loader = Loader(split, cfg.batch_size, shuffle=False, device=device, buckets=buckets,
-                    shard=(dctx.rank, dctx.world_size))
-    predictor = Predictor(model, opts, device, batch_size=cfg.batch_size if opts.compile else None)
+    loader = Loader(split, cfg.batch_size, shuffle=False, device=device,
+                    buckets=loader_buckets(split.questions.shape[1], opts), shard=(dctx.rank, dctx.world_size))
+    predictor = Predictor(model, opts, device, batch_size=cfg.batch_size)
     preds = predict(predictor, loader, device, progress=sys.stderr.isatty() and dctx.is_main)
     preds = dctx.merge_predictions(preds)
     if not dctx.is_main:

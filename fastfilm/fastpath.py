@@ -43,6 +43,12 @@ def length_buckets(max_length: int) -> tuple[int, ...]:
     return tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
 
 
+def loader_buckets(max_length: int, opts: FastOptions) -> tuple[int, ...] | None:
+    """Question lengths the data loader should pad batches to: the compiled model's few
+    static shapes, or None (pad to the split's longest question) when nothing is compiled."""
+    return length_buckets(max_length) if opts.compile else None
+
+
 def bucket_length(length: int, max_length: int) -> int:
     """The padded question length for a batch whose longest question has `length` tokens."""
     if not 0 < length <= max_length:
@@ -230,17 +236,20 @@ class Predictor:
     autocast, compiled when opts.compile; cuda_graphs=True replays CUDA graphs (CUDA only).
 
     __call__(images [B, 3, S, S], questions [B, L], lengths [B]) -> logits [B, A] float.
-    With batch_size set, smaller batches are padded to it (static shapes) and cut back.
+    With batch_size set and the forward compiled, smaller batches are padded to it (static
+    shapes) and cut back.
     """
 
     def __init__(self, model: nn.Module, opts: FastOptions, device: torch.device, cuda_graphs: bool = False,
                  batch_size: int | None = None):
-        self.model, self.device, self.batch_size = model, torch.device(device), batch_size
+        self.model, self.device = model, torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {self.device}")
         self.cuda_graphs = cuda_graphs
         self.dtype = autocast_dtype(opts.amp, self.device)
         use_compile = opts.compile and _compiles(model)
+        # Padding only buys static shapes for a compiled forward; eager runs any batch as is.
+        self.batch_size = batch_size if use_compile else None
         if use_compile:
             self.forward = compiled(self._forward, opts, mode="reduce-overhead" if cuda_graphs else None)
         elif cuda_graphs:

@@ -31,7 +31,7 @@ from fastfilm import distributed
 from fastfilm.config import ModelConfig, TrainConfig, model_config
 from fastfilm.errors import UserError
 from fastfilm.evaluate import accuracy_report, predict
-from fastfilm.fastpath import FastOptions, Predictor, TrainStep, build_model, build_optimizer, length_buckets, pad_batch
+from fastfilm.fastpath import FastOptions, Predictor, TrainStep, build_model, build_optimizer, loader_buckets, pad_batch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -129,14 +129,13 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, dctx: distributed.Dist, pro
     step_model = distributed.wrap(model, dctx, compile=opts.compile, sync_bn=cfg.sync_bn, find_unused=unused)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, opts, device)
     step_fn = TrainStep(step_model, opt, opts, device)
-    predictor = Predictor(model, opts, device, batch_size=cfg.eval_batch_size if opts.compile else None)
-    # Compiled graphs are specialised to shapes: a few question-length buckets, full batches.
-    buckets = lambda split: length_buckets(split.questions.shape[1]) if opts.compile else None
+    predictor = Predictor(model, opts, device, batch_size=cfg.eval_batch_size)
     shard = (dctx.rank, dctx.world_size)
     loader = Loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
-                    limit=cfg.max_train_questions, buckets=buckets(train_split), shard=shard)
-    val_loader = Loader(val_split, cfg.eval_batch_size, shuffle=False, device=device, buckets=buckets(val_split),
-                        shard=shard)
+                    limit=cfg.max_train_questions, buckets=loader_buckets(train_split.questions.shape[1], opts),
+                    shard=shard)
+    val_loader = Loader(val_split, cfg.eval_batch_size, shuffle=False, device=device,
+                        buckets=loader_buckets(val_split.questions.shape[1], opts), shard=shard)
 
     s = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "stale_epochs": 0,
          "best_report": None, "elapsed_s": 0.0}
