@@ -9,7 +9,9 @@ candidate, timed interleaved by benchmarks/harness.py so machine noise hits all 
 training questions/s, inference questions/s at the training batch size and batch-1 latency,
 peak memory of a training step, and MFU against bf16/fp32 matmul peaks measured in the same
 run. The ablation removes one piece of the fast path at a time (fused op, AMP,
-channels_last, compile). Compile time (first call minus a steady call) is reported apart.
+channels_last, compile). `--group K` adds the fast path, compiled and eager, trained on
+batches whose questions come K per image (`--group-questions K`: one stem pass per image).
+Compile time (first call minus a steady call) is reported apart.
 By default compiles start from an empty inductor cache, so compile times are cold ones.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extrapolate seconds per epoch of this many questions (CLEVR train: 700k)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-ablation", action="store_true", help="time only the reference and the full fast path")
+    p.add_argument("--group", type=int, default=4,
+                   help="also time training on batches of K questions per image, sharing the stem (0: skip)")
     p.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (compile times are then warm)")
     p.add_argument("--json", default="", help="write the results here (e.g. benchmarks/results/train_cpu.json)")
     return p.parse_args(argv)
@@ -79,7 +83,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def model_flops(model_cfg, batch: list, train: bool) -> float:
-    """FLOPs of one reference forward (and backward when train) on `batch`, counted per aten op."""
+    """FLOPs of one reference forward (and backward when train) on `batch` ([images, questions,
+    lengths, answers(, image_index)]), counted per aten op."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastfilm.model import build_model
@@ -87,7 +92,7 @@ def model_flops(model_cfg, batch: list, train: bool) -> float:
     model = build_model(model_cfg, VOCAB, ANSWERS).to(batch[0].device).train(train)
     with FlopCounterMode(display=False) as counter:
         if train:
-            torch.nn.functional.cross_entropy(model(*batch[:3]), batch[3]).backward()
+            torch.nn.functional.cross_entropy(model(*batch[:3], *batch[4:]), batch[3]).backward()
         else:
             with torch.no_grad():
                 model(*batch[:3])
@@ -115,17 +120,28 @@ def peak_memory(fn, device: torch.device) -> float:
     return float(peak)
 
 
-def candidates(ablation: bool) -> dict:
+def candidates(ablation: bool, group: int = 0) -> dict:
+    """name -> (FastOptions, questions per image in the training batches)."""
     from fastfilm.fastpath import FastOptions
 
     fast = FastOptions()
-    out = {"reference": FastOptions(reference=True), "fast": fast}
+    out = {"reference": (FastOptions(reference=True), 1), "fast": (fast, 1)}
     if ablation:
-        out.update({"fast -fused": dataclasses.replace(fast, fused=False),
-                    "fast -amp": dataclasses.replace(fast, amp="off"),
-                    "fast -channels_last": dataclasses.replace(fast, channels_last=False),
-                    "fast -compile": dataclasses.replace(fast, compile=False)})
+        out.update({"fast -fused": (dataclasses.replace(fast, fused=False), 1),
+                    "fast -amp": (dataclasses.replace(fast, amp="off"), 1),
+                    "fast -channels_last": (dataclasses.replace(fast, channels_last=False), 1),
+                    "fast -compile": (dataclasses.replace(fast, compile=False), 1)})
+    if group > 1:
+        out.update({f"fast +group{group}": (fast, group),
+                    f"fast -compile +group{group}": (dataclasses.replace(fast, compile=False), group)})
     return out
+
+
+def grouped(batch: list, group: int) -> list:
+    """The batch with `group` questions per image: images [B / group, ...] and image_index [B]."""
+    images, questions, lengths, answers = batch
+    index = torch.arange(len(questions), device=questions.device) // group
+    return [images[: int(index[-1]) + 1], questions, lengths, answers, index]
 
 
 def main(argv=None) -> int:
@@ -146,14 +162,15 @@ def main(argv=None) -> int:
     peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
     flops_train = model_flops(cfg, batches[0], train=True)
     flops_infer = model_flops(cfg, batches[0], train=False)
+    flops_grouped = model_flops(cfg, grouped(batches[0], args.group), train=True) if args.group > 1 else 0.0
 
     # Every candidate starts from the same weights; effective duplicates (e.g. "-amp" where bf16
     # already fell back to fp32) are timed once.
     torch.manual_seed(0)
-    init = build_model(cfg, VOCAB, ANSWERS, candidates(False)["reference"], device).state_dict()
+    init = build_model(cfg, VOCAB, ANSWERS, candidates(False)["reference"][0], device).state_dict()
     runs, same_as, effective = {}, {}, {}
-    for name, opts in candidates(not args.no_ablation).items():
-        key = (opts.reference, autocast_dtype(opts.amp, device), opts.compile, opts.fused, opts.channels_last)
+    for name, (opts, group) in candidates(not args.no_ablation, args.group).items():
+        key = (opts.reference, autocast_dtype(opts.amp, device), opts.compile, opts.fused, opts.channels_last, group)
         if key in effective:
             same_as[name] = effective[key]
             continue
@@ -162,12 +179,16 @@ def main(argv=None) -> int:
         model.load_state_dict(init)
         runs[name] = {"opts": opts, "amp": str(key[1] or "fp32").replace("torch.", ""),
                       "step": TrainStep(model, build_optimizer(model, 3e-4, 1e-5, opts, device), opts, device),
-                      "predict": Predictor(model, opts, device), "i": 0}
+                      "predict": Predictor(model, opts, device), "i": 0, "group": group}
 
     def train_fn(r):
         def call():
             r["i"] += 1
-            return r["step"](*batches[r["i"] % len(batches)])
+            batch = batches[r["i"] % len(batches)]
+            if r["group"] == 1:
+                return r["step"](*batch)
+            *tensors, index = grouped(batch, r["group"])
+            return r["step"](*tensors, image_index=index)
         return call
 
     def infer_fn(r, b=None):
@@ -194,10 +215,11 @@ def main(argv=None) -> int:
         peak = peaks["bf16" if r["amp"] == "bfloat16" else "fp32"]["tflops"] * 1e12
         results[name] = {
             "amp": r["amp"], "compile": r["opts"].compile, "fused": r["opts"].fused,
-            "channels_last": r["opts"].channels_last,
+            "channels_last": r["opts"].channels_last, "questions_per_image": r["group"],
             "train_qps": b / t_train, "train_step_s": train[name], "infer_qps": b / t_infer, "infer_step_s": infer[name],
             "train_compile_s": max(0.0, first[name][0] - t_train), "infer_compile_s": max(0.0, first[name][1] - t_infer),
-            "train_mfu": flops_train / t_train / peak, "infer_mfu": flops_infer / t_infer / peak,
+            "train_mfu": (flops_train if r["group"] == 1 else flops_grouped) / t_train / peak,
+            "infer_mfu": flops_infer / t_infer / peak,
             "train_peak_memory_mb": peak_memory(train_fn(r), device) / 2 ** 20,
             "epoch_s": args.epoch_questions / (b / t_train),
         }
@@ -212,7 +234,12 @@ def main(argv=None) -> int:
                        "fast_train_speedup_over_this": fast["train_qps"] / results[name]["train_qps"],
                        "fast_infer_speedup_over_this": fast["infer_qps"] / results[name]["infer_qps"],
                        **({"same_as": results[name]["same_as"]} if "same_as" in results[name] else {})}
-                for name in results if name.startswith("fast -")}
+                for name in results if name.startswith("fast -") and "+group" not in name}
+    # Sharing the stem among an image's questions, against the same path without it.
+    group_gain = {name: {"train_qps": results[name]["train_qps"],
+                         "speedup_over_ungrouped": train_x[name] / train_x[name.replace(f" +group{args.group}", "")],
+                         "speedup_over_reference": train_x[name]}
+                  for name in results if "+group" in name}
     payload = {
         "preset": args.preset, "device": str(device), "batch_size": b, "steps": args.steps,
         "threads": torch.get_num_threads(), "cold_compile": not args.warm_cache,
@@ -223,8 +250,9 @@ def main(argv=None) -> int:
         "reference_batch1_latency_ms": ref["batch1_latency_ms"], "fast_batch1_latency_ms": fast["batch1_latency_ms"],
         "epoch_questions": args.epoch_questions, "reference_epoch_s": ref["epoch_s"], "fast_epoch_s": fast["epoch_s"],
         "matmul_peak_tflops": {k: v["tflops"] for k, v in peaks.items()},
-        "model_gflop_per_step": {"train": flops_train / 1e9, "infer": flops_infer / 1e9},
-        "ablation": ablation, "candidates": results,
+        "model_gflop_per_step": {"train": flops_train / 1e9, "infer": flops_infer / 1e9,
+                                 f"train_group{args.group}": flops_grouped / 1e9},
+        "ablation": ablation, "questions_per_image": group_gain, "candidates": results,
     }
     print(f"{args.preset} preset on {device} ({torch.get_num_threads()} threads), batch {b}; "
           f"matmul peak fp32 {peaks['fp32']['tflops'] * 1e3:.0f} GFLOP/s, bf16 {peaks['bf16']['tflops'] * 1e3:.0f}")

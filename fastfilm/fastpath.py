@@ -49,6 +49,16 @@ def loader_buckets(max_length: int, opts: FastOptions) -> tuple[int, ...] | None
     return length_buckets(max_length) if opts.compile else None
 
 
+# With questions grouped by image, a batch's number of distinct images varies; compiled,
+# it is padded to a multiple of this (a few static shapes, at most 7 repeated images).
+IMAGE_MULTIPLE = 8
+
+
+def loader_image_multiple(opts: FastOptions) -> int:
+    """The Loader's image_multiple: IMAGE_MULTIPLE when compiled, else 0 (no padding)."""
+    return IMAGE_MULTIPLE if opts.compile else 0
+
+
 def bucket_length(length: int, max_length: int) -> int:
     """The padded question length for a batch whose longest question has `length` tokens."""
     if not 0 < length <= max_length:
@@ -163,21 +173,21 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, opts: Fast
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def pad_batch(batch_size: int, images: Tensor, questions: Tensor, lengths: Tensor,
-              answers: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+def pad_batch(batch_size: int, *tensors: Tensor) -> tuple[list[Tensor], Tensor]:
     """Pad a partial batch of B < batch_size samples to batch_size by repeating its samples.
 
-    Returns ([images, questions, lengths(, answers)] each with batch_size rows, weight
+    tensors: each [B, ...] (images, questions, lengths, answers, image_index: whichever
+    have a row per question). Returns (the tensors with batch_size rows, weight
     [batch_size] float: 1 for real samples, 0 for repeats). Repeats (not zeros) keep batch
     norm statistics representative, since BN sees the whole padded batch.
     """
-    b = images.size(0)
-    if not 0 < b <= batch_size:
-        raise ValueError(f"batch of {b} samples cannot be padded to {batch_size}")
-    idx = torch.arange(batch_size, device=images.device) % b
-    tensors = [t if b == batch_size else t[idx] for t in (images, questions, lengths, answers) if t is not None]
-    weight = (torch.arange(batch_size, device=images.device) < b).float()
-    return tensors, weight
+    b = tensors[0].size(0)
+    if not 0 < b <= batch_size or any(t.size(0) != b for t in tensors):
+        raise ValueError(f"batch of {[t.size(0) for t in tensors]} rows cannot be padded to {batch_size}")
+    device = tensors[0].device
+    idx = torch.arange(batch_size, device=device) % b
+    weight = (torch.arange(batch_size, device=device) < b).float()
+    return [t if b == batch_size else t[idx] for t in tensors], weight
 
 
 def _compiles(model: nn.Module) -> bool:
@@ -189,7 +199,8 @@ class TrainStep:
     """One optimisation step: zero_grad, forward under autocast, loss, backward, Adam step.
 
     __call__(images [B, 3, S, S] uint8, questions [B, L], lengths [B], answers [B],
-    weight [B] 0/1 or None) -> (loss [], correct []) on the device, without a host sync
+    weight [B] 0/1 or None, image_index [B] or None (then images is [M, ...], a row per
+    distinct image)) -> (loss [], correct []) on the device, without a host sync
     (except the fp16 GradScaler's check with a non-fused optimizer). The forward and loss
     are compiled (fullgraph, static shapes) when opts.compile; AOTAutograd compiles the
     backward with them. Weights and optimizer state stay fp32 (autocast casts per op).
@@ -205,22 +216,22 @@ class TrainStep:
         self.loss = compiled(self._loss, dataclasses.replace(opts, compile=use_compile))
 
     def _loss(self, images: Tensor, questions: Tensor, lengths: Tensor, answers: Tensor,
-              weight: Tensor) -> tuple[Tensor, Tensor]:
+              weight: Tensor, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(images, questions, lengths)  # [B, A]
+            logits = self.model(images, questions, lengths, image_index)  # [B, A]
         losses = F.cross_entropy(logits.float(), answers, reduction="none")  # [B]
         hits = (logits.argmax(1) == answers) & (weight > 0)
         return (losses * weight).sum() / weight.sum().clamp(min=1), hits.sum()
 
     def __call__(self, images: Tensor, questions: Tensor, lengths: Tensor, answers: Tensor,
-                 weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 weight: Tensor | None = None, image_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if weight is None:  # full batches weigh all ones: the same graph as a padded batch
             if self._ones is None or self._ones.shape != answers.shape or self._ones.device != answers.device:
                 self._ones = torch.ones(answers.shape, device=answers.device)
             weight = self._ones
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, correct = self.loss(images, questions, lengths, answers, weight)
+        loss, correct = self.loss(images, questions, lengths, answers, weight, image_index)
         if self.scaler is None:
             loss.backward()
             self.optimizer.step()

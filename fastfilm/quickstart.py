@@ -58,7 +58,8 @@ def run(cfg: QuickstartConfig) -> int:
             ("film", "CNN+GRU+FiLM", cfg.film_minutes)]
     for arch, title, minutes in runs:
         tcfg = TrainConfig(data=str(cache), out=str(out / "runs" / arch), preset=cfg.preset, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size, lr=cfg.lr, patience=0, max_minutes=minutes, seed=cfg.seed,
+                           batch_size=cfg.batch_size, group_questions=cfg.group_questions, lr=cfg.lr, patience=0,
+                           max_minutes=minutes, seed=cfg.seed,
                            reference=cfg.reference, compile=cfg.compile)
         print(f"[quickstart] training {title} for up to {minutes:g} min", file=sys.stderr)
         metrics = train(tcfg, model_config(cfg.preset, arch=arch))

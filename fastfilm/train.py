@@ -31,7 +31,8 @@ from fastfilm import distributed
 from fastfilm.config import ModelConfig, TrainConfig, model_config
 from fastfilm.errors import UserError
 from fastfilm.evaluate import accuracy_report, predict
-from fastfilm.fastpath import FastOptions, Predictor, TrainStep, build_model, build_optimizer, loader_buckets, pad_batch
+from fastfilm.fastpath import (FastOptions, Predictor, TrainStep, build_model, build_optimizer, loader_buckets,
+                               loader_image_multiple, pad_batch)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,7 +134,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, dctx: distributed.Dist, pro
     shard = (dctx.rank, dctx.world_size)
     loader = Loader(train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
                     limit=cfg.max_train_questions, buckets=loader_buckets(train_split.questions.shape[1], opts),
-                    shard=shard)
+                    shard=shard, group=cfg.group_questions, image_multiple=loader_image_multiple(opts))
+    grouped = cfg.group_questions > 1
     val_loader = Loader(val_split, cfg.eval_batch_size, shuffle=False, device=device,
                         buckets=loader_buckets(val_split.questions.shape[1], opts), shard=shard)
 
@@ -172,12 +174,18 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, dctx: distributed.Dist, pro
             s["batch"] += 1
             batch = batch.to(device, non_blocking=True)
             n = len(batch)
-            tensors, weight = [batch.images, batch.questions, batch.lengths, batch.answers], None
+            # Grouped, images has a row per distinct image and image_index one per question.
+            images, rows, weight = batch.images, [batch.questions, batch.lengths, batch.answers], None
+            if grouped:
+                rows.append(batch.image_index)
             if n < cfg.batch_size and (opts.compile or n == 1):
                 # Static shapes for the compiled step (no recompile on the last batch), and
                 # training-mode BN needs more than one sample: pad with weight-0 repeats.
-                tensors, weight = pad_batch(cfg.batch_size, *tensors)
-            loss, hits = step_fn(*tensors, weight=weight)
+                if grouped:
+                    rows, weight = pad_batch(cfg.batch_size, *rows)
+                else:
+                    (images, *rows), weight = pad_batch(cfg.batch_size, images, *rows)
+            loss, hits = step_fn(images, *rows[:3], weight=weight, image_index=rows[3] if grouped else None)
             loss_sum += loss * n
             correct += hits
             seen += n

@@ -151,7 +151,9 @@ def assert_same_step(got: dict, want: dict, names: list[str], what: str) -> None
         slack = (lr * eps * tol / ((g_want[n].abs() - tol).clamp(min=0) + eps) ** 2).clamp(max=2 * lr)
         assert_close(got["model"][n], want["model"][n], f"{what}: weight {n}", atol=1e-6 + slack, rtol=1e-5)
         loose, total = loose + int((slack > 1e-5).sum()), total + slack.numel()
-    assert loose < 0.25 * total, f"{what}: {loose} of {total} weights have a step too uncertain to compare"
+    # Without batch norm, units dead for the whole (tiny) batch give exact-zero gradients, whose
+    # steps count as uncertain here: up to ~28% of the weights in the bn-off cases.
+    assert loose < 0.35 * total, f"{what}: {loose} of {total} weights have a step too uncertain to compare"
     for k, w in want["model"].items():
         if k not in g_want:  # buffers (batch norm statistics, counters) and parameters without gradient
             assert_close(got["model"][k], w, f"{what}: buffer {k}", atol=1e-6, rtol=1e-4)
@@ -214,7 +216,7 @@ def single_run(generated_clevr, tmp_path_factory) -> Path:
     from fastfilm.train import train
 
     run = tmp_path_factory.mktemp("single") / "run"
-    train(tiny_cfg(generated_clevr, run, epochs=6, lr=1e-2), model_config("tiny"))
+    train(tiny_cfg(generated_clevr, run, epochs=10, lr=1e-2), model_config("tiny"))
     return run
 
 

@@ -227,6 +227,30 @@ def test_eager_training_steps_match(fused, channels_last, images_channels_last):
     assert fast.blocks[0].bn.num_batches_tracked == ref.blocks[0].bn.num_batches_tracked == 3
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_shared_images_training_steps_match(fused):
+    """Questions grouped by image (one stem pass per image, image_index) through TrainStep
+    match the reference given the same image_index (whose sharing test_model checks against
+    a row per question)."""
+    ref, fast = pair(fused=fused)
+    opts = FastOptions(compile=False, amp="off", fused=fused)
+    step = TrainStep(fast, torch.optim.SGD(fast.parameters(), lr=LR), opts, CPU)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    index = torch.tensor([0, 1, 1, 2, 3, 0, 2, 3])
+    for i in range(3):
+        images, q, lengths, answers = batch(seed=i)
+        distinct = images[:4]
+        loss, correct = step(distinct, q, lengths, answers, image_index=index)
+        ref_opt.zero_grad()
+        logits = ref(distinct, q, lengths, index)
+        ref_loss = F.cross_entropy(logits, answers)
+        ref_loss.backward()
+        ref_opt.step()
+        close(loss, ref_loss, f"step {i} loss", **FP32)
+        assert correct == (logits.argmax(1) == answers).sum()
+    compare_models(fast, ref, "after 3 grouped steps")
+
+
 def test_eval_batch_of_one_matches():
     ref, fast = pair()
     ref.eval()
@@ -279,6 +303,23 @@ def test_compiled_train_step_matches_reference(compiled):
             compare_models(compiled.model, ref, "compiled step 0", values=False)
         ref_opt.step()
     compare_models(compiled.model, ref, "compiled after 3 steps", grads=False)
+
+
+@pytest.mark.slow
+def test_compiled_grouped_train_step_matches_reference(compiled):
+    """The compiled step with questions grouped by image (images [M, ...], image_index [B])."""
+    ref = reset(compiled)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    index = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    for i in range(2):
+        images, q, lengths, answers = batch(seed=10 + i)
+        loss, _ = compiled.step(images[:4], q, lengths, answers, image_index=index)
+        ref_opt.zero_grad()
+        ref_loss = F.cross_entropy(ref(images[:4], q, lengths, index), answers)
+        ref_loss.backward()
+        close(loss, ref_loss, f"grouped step {i} loss", **FP32)
+        ref_opt.step()
+    compare_models(compiled.model, ref, "compiled grouped after 2 steps", grads=False)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from fastfilm.cli import main as cli_main
 from fastfilm.config import GenerateConfig
 from fastfilm.data import generate
 from fastfilm.data.program import execute
-from fastfilm.data.questions import FAMILIES, Balancer, family_table
+from fastfilm.data.questions import FAMILIES, Balancer, family_table, signature
 from fastfilm.data.render import rasterize, render
 from fastfilm.data.scene import (COGENT, COLORS, MATERIALS, SHAPES, SIZES, Camera, SceneSample, camera_rotation,
                                  sample_lights, sample_scene)
@@ -235,18 +235,59 @@ def test_answers_are_balanced_within_families(tmp_path):
         chance = 1 / min(len(family.answers), 4 if family.type == "count" else len(family.answers))
         assert n >= 60 and top_n / n <= chance + 0.12, (family.name, counts)
         if family.answers == ("yes", "no"):
-            assert abs(counts["yes"] - counts["no"]) <= 4, (family.name, counts)
+            # Not exact: the balancer trades family balance against balance per signature.
+            assert abs(counts["yes"] - counts["no"]) <= 0.08 * n, (family.name, counts)
 
 
-def test_balancer_picks_the_least_produced_answer():
+def test_wording_does_not_give_the_answer_away(tmp_path):
+    """A blind model that answers the most common train answer for each (family, signature)
+    scores near chance on held-out questions. Balancing per family alone left ~65% on these
+    yes/no families with 3-4 objects per scene, which a question-only GRU learned."""
+    names = ["zero_hop_exist", "compare_integer_greater", "zero_hop_count"]
+    cfg = dataclasses.replace(CFG, out=str(tmp_path), train_images=300, val_images=150, test_images=0,
+                              image_width=32, image_height=24, min_pixels=0, min_objects=3, max_objects=4,
+                              families=",".join(names))
+    generate.run(cfg)
+
+    def key(q: dict) -> tuple:
+        return q["question_family_index"], signature(q["program"])
+
+    seen: dict[tuple, Counter] = {}
+    by_family: dict[int, Counter] = {}
+    for q in load(tmp_path, "questions", "train")["questions"]:
+        seen.setdefault(key(q), Counter())[q["answer"]] += 1
+        by_family.setdefault(q["question_family_index"], Counter())[q["answer"]] += 1
+    hits: dict[int, list[bool]] = {}
+    for q in load(tmp_path, "questions", "val")["questions"]:
+        counts = seen.get(key(q)) or by_family[q["question_family_index"]]
+        hits.setdefault(q["question_family_index"], []).append(counts.most_common(1)[0][0] == q["answer"])
+    accuracy = {FAMILIES[f].name: sum(h) / len(h) for f, h in hits.items()}
+    assert accuracy["zero_hop_exist"] <= 0.57 and accuracy["compare_integer_greater"] <= 0.57, accuracy
+    assert accuracy["zero_hop_count"] <= 0.38, accuracy
+
+
+def test_balancer_picks_the_rarest_answer_per_signature():
     import random
 
     b, rng = Balancer(), random.Random(0)
+    few = [{"function": "scene"}, {"function": "filter_color"}, {"function": "exist"}]
+    many = [{"function": "scene"}, {"function": "filter_color"}, {"function": "filter_shape"}, {"function": "exist"}]
     # Every third image can only be asked a "yes" question; the others make up for it.
-    picks = [b.choose(0, {"yes": ("q1", []), "no": ("q2", [])} if i % 3 else {"yes": ("q3", [])}, rng, set())[0]
+    picks = [b.choose(0, [("yes", "q1", few), ("no", "q2", few)] if i % 3 else [("yes", "q3", few)], rng, set())[0]
              for i in range(30)]
     assert abs(picks.count("yes") - picks.count("no")) <= 2
-    assert b.choose(0, {"yes": ("q1", [])}, rng, {"q1"}) is None  # already asked about this image
+    assert b.choose(0, [("yes", "q1", few)], rng, {"q1"}) is None  # already asked about this image
+    # Two signatures: the long wording can only say "no" half the time; the short one must
+    # not make up for it with "yes", or the wording would predict the answer.
+    b = Balancer()
+    for i in range(40):
+        pool = [("no", "long no", many), ("yes", "short yes", few), ("no", "short no", few)]
+        if i % 2:
+            pool.append(("yes", "long yes", many))
+        b.choose(0, pool, rng, set())
+    for sig in (signature(few), signature(many)):
+        counts = b.by_signature[(0, sig)]
+        assert abs(counts["yes"] - counts["no"]) <= 2, (sig, counts)
 
 
 def test_family_table():

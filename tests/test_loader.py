@@ -33,10 +33,11 @@ def rows(loader: Loader, epoch: int = 0, start: int = 0) -> list[list[int]]:
 def check_batch(b: Batch, split: SplitData) -> None:
     idx = b.index.numpy()
     size = split.images.shape[1]
-    assert b.images.dtype == torch.uint8 and b.images.shape == (len(idx), 3, size, size)
+    assert b.images.dtype == torch.uint8 and b.images.shape[1:] == (3, size, size)
     assert b.images.is_contiguous(memory_format=torch.channels_last)
+    assert b.image_index.shape == (len(idx),) and b.image_index.dtype == torch.int64
     expected = np.transpose(split.images[split.image_index[idx]], (0, 3, 1, 2))
-    assert np.array_equal(b.images.numpy(), expected)
+    assert np.array_equal(b.images[b.image_index].numpy(), expected)
     width = b.questions.shape[1]
     assert width >= b.lengths.max()
     full = np.zeros((len(idx), max(width, split.questions.shape[1])), np.int64)
@@ -199,3 +200,54 @@ def test_cuda_prefetch_matches_cpu(resident):
     it = gpu.epoch(0)
     next(it)
     it.close()  # stopping mid-epoch must not leave the prefetch thread blocked
+
+
+# ---------------------------------------------------------------- questions grouped by image
+
+def test_ungrouped_batches_have_a_row_per_question():
+    for b in Loader(synthetic(), 16, shuffle=True).epoch(0):
+        assert len(b.images) == len(b) and b.image_index.tolist() == list(range(len(b)))
+
+
+@pytest.mark.parametrize("group", [2, 3, 5])
+def test_grouped_epoch_keeps_each_images_questions_in_chunks(group):
+    split = synthetic(q=200, n_images=23)
+    loader = Loader(split, 16, shuffle=True, seed=5, group=group)
+    order = loader.order(0)
+    assert sorted(order) == list(range(200))
+    # Each image's questions sit in runs of consecutive positions; cutting the order into
+    # runs of one image gives at most ceil(count / group) runs per image, each <= group
+    # long unless two of its chunks happen to be neighbours.
+    images = split.image_index[order]
+    cuts = np.flatnonzero(np.r_[True, images[1:] != images[:-1], True])
+    runs: dict[int, list[int]] = {}
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        runs.setdefault(int(images[a]), []).append(int(b - a))
+    for image, lengths in runs.items():
+        count = int((split.image_index == image).sum())
+        assert sum(lengths) == count and len(lengths) <= -(-count // group), (image, lengths)
+    assert max(max(v) for v in runs.values()) > 1
+    batches = list(loader.epoch(0))
+    for b in batches:
+        check_batch(b, split)
+        assert len(b.images) == len(np.unique(split.image_index[b.index.numpy()]))  # each image once
+    assert sum(len(b.images) for b in batches) < 200 * 0.75  # the point: fewer stem passes
+    assert loader.order(0).tolist() == order.tolist() and loader.order(1).tolist() != order.tolist()
+    assert rows(loader, 2, 4) == rows(loader, 2)[4:]  # exact resume
+
+
+def test_grouped_images_padded_to_a_multiple():
+    split = synthetic(q=200, n_images=23)
+    for b in Loader(split, 16, shuffle=True, group=3, image_multiple=4).epoch(0):
+        check_batch(b, split)
+        assert len(b.images) % 4 == 0 and len(b.images) - len(np.unique(b.image_index)) < 4
+
+
+@pytest.mark.parametrize("q, world", [(200, 2), (103, 4), (9, 8)])
+def test_grouped_shards_cover_with_equal_steps(q, world):
+    split = synthetic(q=q, n_images=11)
+    loaders = [Loader(split, 4, shuffle=True, seed=2, shard=(r, world), group=3) for r in range(world)]
+    served = [sum(rows(loader, 1), []) for loader in loaders]
+    assert len({len(s) for s in served}) == 1 and len({len(loader) for loader in loaders}) == 1
+    assert set().union(*map(set, served)) == set(range(q))
+    assert sum(map(len, served)) - q == world * -(-q // world) - q  # only the make-up repeats

@@ -143,3 +143,33 @@ def test_features_input():
     model = build_model(cfg, VOCAB, ANSWERS)
     _, q, l = batch()
     assert model(torch.randn(4, 12, 6, 6), q, l).shape == (4, ANSWERS)
+
+
+@pytest.mark.parametrize("arch", ["film", "cnn_gru", "question_only"])
+def test_shared_images_equal_repeated_images(arch):
+    """image_index runs the stem once per distinct image. With every image asked about the same
+    number of times the batch norm statistics are the same as with a row per question, so
+    outputs, gradients and running statistics must match; in eval mode any sharing does."""
+    import copy
+
+    torch.manual_seed(0)
+    shared = build_model(model_config("tiny", arch=arch), VOCAB, ANSWERS)
+    repeated = copy.deepcopy(shared)
+    images, q, lengths = batch(b=6)
+    distinct, index = images[:3], torch.tensor([2, 0, 1, 1, 0, 2])
+    out, expected = shared(distinct, q, lengths, index), repeated(distinct[index], q, lengths)
+    torch.testing.assert_close(out, expected)
+    answers = torch.arange(6) % ANSWERS
+    F.cross_entropy(out, answers).backward()
+    F.cross_entropy(expected, answers).backward()
+    for (name, p), r in zip(shared.named_parameters(), repeated.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, msg=name)
+    for (name, buf), r in zip(shared.named_buffers(), repeated.buffers()):
+        # The running variance is unbiased, n / (n - 1) with n values per channel: the stem
+        # sees half as many values (3 images instead of 6 rows), and its n is at least 192.
+        rtol = 1 / 190 if name.startswith("stem.") and name.endswith("running_var") else None
+        torch.testing.assert_close(buf, r, msg=name, rtol=rtol, atol=None if rtol is None else 1e-5)
+    shared.eval(), repeated.eval()
+    uneven = torch.tensor([0, 0, 0, 1, 2, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(shared(distinct, q, lengths, uneven), repeated(distinct[uneven], q, lengths))

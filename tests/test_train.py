@@ -67,12 +67,14 @@ def test_resume_equals_uninterrupted(generated_clevr, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
-def test_resume_mid_epoch_equals_uninterrupted(generated_clevr, tmp_path):
+@pytest.mark.parametrize("group", [1, 3], ids=["independent", "grouped-by-image"])
+@pytest.mark.parametrize("reference", [True, False], ids=["reference", "fast"])
+def test_resume_mid_epoch_equals_uninterrupted(generated_clevr, tmp_path, group, reference):
     """A time budget that stops inside an epoch, then --resume, ends with the same weights."""
     model_cfg = model_config("tiny")
-    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "straight", epochs=2, batch_size=8), model_cfg)
-    m = train_mod.train(tiny_cfg(generated_clevr, tmp_path / "cut", epochs=2, batch_size=8, max_minutes=1e-9),
-                        model_cfg)
+    kw = dict(epochs=2, batch_size=8, group_questions=group, reference=reference, compile=False, amp="off")
+    train_mod.train(tiny_cfg(generated_clevr, tmp_path / "straight", **kw), model_cfg)
+    m = train_mod.train(tiny_cfg(generated_clevr, tmp_path / "cut", max_minutes=1e-9, **kw), model_cfg)
     assert m["stopped"] == "max_minutes" and m["steps"] == 1
     assert (tmp_path / "cut" / "metrics.json").exists()
     train_mod.train(tiny_cfg(generated_clevr, tmp_path / "x", epochs=2, resume=str(tmp_path / "cut")), model_cfg)

@@ -6,6 +6,12 @@ On CUDA, batches are gathered into pinned memory by a background thread `prefetc
 batches ahead and copied with non_blocking=True; `resident=True` puts the whole image
 array on the device once, so a step copies only question rows and indices (on the CPU,
 resident reads the memory-mapped images into RAM once).
+
+group=k > 1 keeps up to k questions about the same image together: an epoch shuffles each
+image's questions, cuts them into chunks of at most k, shuffles the chunks and fills batches
+with them. A batch then carries each distinct image once (`images` [M, ...], M <= B) and
+`image_index` maps questions to those rows, so the model's stem, about half of a small
+model's compute, runs once per image instead of once per question.
 """
 from __future__ import annotations
 
@@ -22,14 +28,16 @@ from fastfilm.data.cache import SplitData
 
 @dataclass
 class Batch:
-    """B questions. `images` is a channels_last view of NHWC uint8 (no copy, no normalisation)."""
-    images: torch.Tensor     # [B, 3, S, S] uint8, channels_last
+    """B questions about M <= B images. `images` is a channels_last view of NHWC uint8 (no copy,
+    no normalisation); without grouping M = B and image_index is arange(B)."""
+    images: torch.Tensor     # [M, 3, S, S] uint8, channels_last
     questions: torch.Tensor  # [B, L'] int64, 0-padded
     lengths: torch.Tensor    # [B] int64, tokens including <START> and <END>
     answers: torch.Tensor    # [B] int64, -1: no answer (test split)
     types: torch.Tensor      # [B] int64, index into QUESTION_TYPES, -1 unknown
     families: torch.Tensor   # [B] int64, question_family_index, -1 unknown
     index: torch.Tensor      # [B] int64, question rows of the split
+    image_index: torch.Tensor  # [B] int64, row of `images` each question is about
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         # Tensor.to keeps the channels_last strides of `images` (preserve_format).
@@ -52,6 +60,12 @@ class Loader:
     world=1 or world divides the question count). With drop_last each rank keeps the same
     floor(Q / world) questions and drops its last partial batch.
 
+    group: questions about one image kept together (see the module docstring); with shards,
+    each rank takes a contiguous share of the epoch's order instead of every world-th question,
+    and shares that come up short are filled with the epoch's first questions.
+    image_multiple: with group > 1, pad `images` to a multiple of this many rows by repeating
+    the last one (static shapes for torch.compile); 0: no padding.
+
     buckets: lengths the question tensor may have (static shapes for torch.compile); a batch
     is padded to the smallest bucket >= its longest question. The split's longest question
     length is added as a last bucket if every bucket is shorter. None: always the split's length.
@@ -59,10 +73,14 @@ class Loader:
 
     def __init__(self, split: SplitData, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
                  device: torch.device | str = "cpu", buckets: tuple[int, ...] | None = None, resident: bool = False,
-                 shard: tuple[int, int] = (0, 1), prefetch: int = 2, limit: int = 0):
+                 shard: tuple[int, int] = (0, 1), prefetch: int = 2, limit: int = 0, group: int = 1,
+                 image_multiple: int = 0):
         rank, world = shard
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group < 1:
+            raise ValueError(f"group must be >= 1 (questions per image kept together), got {group}")
+        self.group, self.image_multiple = group, image_multiple
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
@@ -112,16 +130,37 @@ class Loader:
         n = self.num_questions
         if self.shuffle:
             # A Generator seeded from (seed, epoch): no global RNG state, same order on every rank.
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(n) if self.group == 1 else self._grouped(rng)
         else:
             perm = np.arange(n)
-        mine = perm[self.rank::self.world]
+        if self.group == 1:
+            mine = perm[self.rank::self.world]
+        else:  # a contiguous share per rank, so that chunks stay together; the last ranks
+            # make up a short share with the epoch's first questions
+            mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            if len(mine) < self.per_rank:
+                mine = np.concatenate([mine, np.resize(perm, self.per_rank - len(mine))])
         if len(mine) < self.per_rank:  # only without drop_last: repeat own first question
             mine = np.concatenate([mine, mine[: self.per_rank - len(mine)]])
         mine = mine[: self.per_rank]
         if self.drop_last:
             mine = mine[: len(self) * self.batch_size]
         return mine.astype(np.int64)
+
+    def _grouped(self, rng: np.random.Generator) -> np.ndarray:
+        """A permutation of the questions in which each image's questions come in shuffled
+        chunks of at most `group` consecutive questions ([num_questions] int64)."""
+        shuffled = rng.permutation(self.num_questions)
+        # Stable sort by image: each image's questions stay in their shuffled order.
+        by_image = shuffled[np.argsort(self.image_index[shuffled], kind="stable")]
+        images = self.image_index[by_image]
+        starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+        rank_in_image = np.arange(len(by_image)) - np.repeat(starts, np.diff(np.r_[starts, len(by_image)]))
+        chunk = np.cumsum(np.r_[True, (images[1:] != images[:-1]) | (rank_in_image[1:] % self.group == 0)]) - 1
+        chunk_order = rng.permutation(chunk[-1] + 1) if len(chunk) else chunk
+        # Questions sorted by the chunk's new position, keeping their order within a chunk.
+        return by_image[np.argsort(np.argsort(chunk_order)[chunk], kind="stable")]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of `epoch`, from batch `start_batch` on (exact resume after a stop)."""
@@ -144,21 +183,28 @@ class Loader:
         if q.shape[1] < width:  # a bucket longer than every question of the split
             q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
         img_rows = self.image_index[rows]
+        if self.group > 1:  # each distinct image once
+            img_rows, inverse = np.unique(img_rows, return_inverse=True)
+            if self.image_multiple > 0 and len(img_rows) % self.image_multiple:
+                pad = self.image_multiple - len(img_rows) % self.image_multiple
+                img_rows = np.concatenate([img_rows, np.repeat(img_rows[-1:], pad)])
+            image_index = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+        else:
+            image_index = torch.arange(len(rows))
         s = self.images.shape[1]
         if self.images_resident is not None:
             # Rows gathered as flat [I, S*S*3]: a 4-D uint8 gather is many times slower.
             flat = self.images_resident.view(len(self.images_resident), -1)
             rows_dev = torch.from_numpy(img_rows).to(self.device)
-            images = flat.index_select(0, rows_dev).view(len(rows), s, s, 3).permute(0, 3, 1, 2)
+            images = flat.index_select(0, rows_dev).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
         else:
-            buf = torch.empty((len(rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
+            buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
             np.take(self.images, img_rows, axis=0, out=buf.numpy())
             images = buf.permute(0, 3, 1, 2)
-        small = [q, lengths, self.answers[idx], self.types[idx], self.families[idx], idx]
+        small = [q, lengths, self.answers[idx], self.types[idx], self.families[idx], idx, image_index]
         if pin:  # images were gathered straight into pinned memory (or are on the device)
             small = [t.pin_memory() for t in small]
-        q, lengths, answers, types, families, idx = small
-        return Batch(images, q, lengths, answers, types, families, idx)
+        return Batch(images, *small)
 
     def _prefetched(self, rows: list[np.ndarray], pin: bool) -> Iterator[Batch]:
         """Batches gathered by a background thread, `prefetch` ahead of the consumer."""

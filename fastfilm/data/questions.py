@@ -10,9 +10,14 @@ union or intersection that changes nothing, are rejected there.
 
 Answer balance (CLEVR's rejection of over-represented answers) is done in two steps so
 that the output does not depend on how images are spread over worker processes:
-`question_pools` (per image, in a worker) collects for each question slot a few questions
-with different answers, then `Balancer` (in image order, in the main process) picks for
-each slot the answer its family has produced least so far.
+`question_pools` (per image, in a worker) collects for each question slot a few candidate
+questions, then `Balancer` (in image order, in the main process) picks for each slot the
+candidate whose answer is rarest so far among questions of the same family and signature.
+The signature is the program's sequence of functions ('filter_color', 'count', ...): what
+the wording reveals without looking at the image. Balancing per family alone leaves answers
+that the wording predicts ("Are there any large red metal cubes?" is mostly "no" in a
+4-object scene), which a question-only model learns; balancing per signature removes most of
+that, so the blind baselines stay near chance and what FiLM gains over them is vision.
 """
 from __future__ import annotations
 
@@ -35,8 +40,7 @@ RELATION_WORDS = {"left": ("left of", "to the left of", "on the left side of"),
 _NOUNS = {"cube": ("cube", "block"), "sphere": ("sphere", "ball"), "cylinder": ("cylinder",), None: ("thing", "object")}
 _ADJECTIVES = {"large": ("large", "big"), "small": ("small", "tiny"),
                "rubber": ("rubber", "matte"), "metal": ("metal", "metallic", "shiny")}
-MAX_TRIES = 8  # samples per question slot
-WANT = 3  # different answers a slot collects for the balancer to choose from
+MAX_TRIES = 8  # samples per question slot: the candidates the balancer chooses from
 
 
 @dataclass(frozen=True)
@@ -379,20 +383,21 @@ def family_table() -> list[dict]:
 
 # ---------------------------------------------------------------- pools and balance
 
-Pool = dict  # answer -> (question, program)
+Candidate = tuple  # (answer, question, program)
 
 
-def family_pool(family: Family, scene: dict, rng: random.Random, view: View | None = None) -> Pool:
-    """Up to MAX_TRIES samples of `family` on `scene`, keeping one question per answer.
+def signature(program: list[dict]) -> tuple[str, ...]:
+    """The program's functions in order, without their values: which attributes a question
+    filters on and how it combines them, i.e. what its wording gives away."""
+    return tuple(step["function"] for step in program)
 
-    Stops early once it holds as many different answers as a slot needs for balancing.
-    """
+
+def family_pool(family: Family, scene: dict, rng: random.Random, view: View | None = None) -> list[Candidate]:
+    """Up to MAX_TRIES samples of `family` on `scene`: one candidate per (answer, signature)."""
     view = view or View(scene)
-    want = min(len(family.answers), WANT)
-    pool: Pool = {}
-    for attempt in range(MAX_TRIES):
-        if len(pool) >= 2 and attempt >= MAX_TRIES // 2:
-            break  # answers this scene rarely gives are not worth many more tries
+    pool: dict[tuple, Candidate] = {}
+    texts: set[str] = set()
+    for _attempt in range(MAX_TRIES):
         got = family.sample(view, rng)
         if got is None:
             continue
@@ -401,14 +406,14 @@ def family_pool(family: Family, scene: dict, rng: random.Random, view: View | No
             answer = execute(program, scene, strict=True)
         except IllPosedError:
             continue
-        if answer not in pool and text not in (q for q, _ in pool.values()):
-            pool[answer] = (text, program)
-            if len(pool) >= want:
-                break
-    return pool
+        key = (answer, signature(program))
+        if key not in pool and text not in texts:
+            pool[key] = (answer, text, program)
+            texts.add(text)
+    return list(pool.values())
 
 
-def question_pools(scene: dict, families: list[Family], rng: random.Random, slots: int) -> list[tuple[int, Pool]]:
+def question_pools(scene: dict, families: list[Family], rng: random.Random, slots: int) -> list[tuple[int, list[Candidate]]]:
     """For each of `slots` questions about `scene`: (family index, pool). Families are taken
     in a per-image random order (so each is used evenly); one that yields nothing on this
     scene (say three hops among three objects) gives its turn to the next."""
@@ -428,21 +433,35 @@ def question_pools(scene: dict, families: list[Family], rng: random.Random, slot
 
 
 class Balancer:
-    """Greedy answer balancing within each family, in a fixed order of images."""
+    """Greedy answer balancing within each (family, signature), in a fixed order of images."""
 
     def __init__(self):
-        self.counts: dict[int, Counter] = defaultdict(Counter)
+        self.by_signature: dict[tuple, Counter] = defaultdict(Counter)
+        self.by_family: dict[int, Counter] = defaultdict(Counter)
 
-    def choose(self, family_index: int, pool: Pool, rng: random.Random, taken: set[str]) -> tuple[str, str, list] | None:
-        """(answer, question, program) of the pool's least produced answer for this family so
-        far, skipping questions already asked about the image (`taken`); None if none left."""
-        counts = self.counts[family_index]
-        options = [a for a, (text, _) in pool.items() if text not in taken]
+    def _share(self, family_index: int, candidate: Candidate) -> float:
+        """How common the candidate's answer is so far within its signature, plus within its
+        family (which keeps families balanced where one answer is rarely available, such as
+        "yes" to compare_color)."""
+        answer, _text, program = candidate
+        share = 0.0
+        for counts in (self.by_signature[(family_index, signature(program))], self.by_family[family_index]):
+            total = sum(counts.values())
+            share += counts[answer] / total if total else 0.0
+        return share
+
+    def choose(self, family_index: int, pool: list[Candidate], rng: random.Random,
+               taken: set[str]) -> Candidate | None:
+        """(answer, question, program): the candidate whose answer is rarest so far among
+        questions of its family and signature, skipping questions already asked about the
+        image (`taken`); None if none is left."""
+        options = [c for c in pool if c[1] not in taken]
         if not options:
             return None
-        least = min(counts[a] for a in options)
-        best = [a for a in options if counts[a] == least]
-        answer = best[rng.randrange(len(best))]
-        counts[answer] += 1
-        return (answer, *pool[answer])
-
+        scores = [self._share(family_index, c) for c in options]
+        least = min(scores)
+        best = [c for c, sc in zip(options, scores) if sc == least]
+        answer, text, program = best[rng.randrange(len(best))]
+        self.by_signature[(family_index, signature(program))][answer] += 1
+        self.by_family[family_index][answer] += 1
+        return answer, text, program

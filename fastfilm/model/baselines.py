@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastfilm.config import ModelConfig
-from fastfilm.model.reference import Classifier, QuestionEncoder, ResBlock, Stem
+from fastfilm.model.reference import Classifier, QuestionEncoder, ResBlock, Stem, per_question
 
 
 class QuestionOnly(nn.Module):
@@ -27,7 +27,8 @@ class QuestionOnly(nn.Module):
         self.bn1 = nn.BatchNorm1d(cfg.classifier_fc) if cfg.batchnorm else nn.Identity()
         self.fc2 = nn.Linear(cfg.classifier_fc, num_answers)
 
-    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
         q = self.question(questions, lengths)
         return self.fc2(F.relu(self.bn1(self.fc1(q))))
 
@@ -43,8 +44,10 @@ class CNNGRU(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(cfg, filmed=False) for _ in range(cfg.num_blocks))
         self.classifier = Classifier(cfg, num_answers, extra_features=cfg.rnn_dim)
 
-    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.stem(images)
+    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """As FiLMNet.forward (image_index: [B] rows of images, or None)."""
+        x = per_question(self.stem(images), image_index)
         for block in self.blocks:
             x = block(x, None, None)
         features = torch.cat([self.classifier.pool(x), self.question(questions, lengths)], dim=1)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastfilm.config import ModelConfig
-from fastfilm.model.reference import Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks
+from fastfilm.model.reference import (Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks,
+                                      per_question)
 from fastfilm.ops import bn_film_relu_residual
 
 # ---------------------------------------------------------------- GRU recurrence op
@@ -303,7 +304,7 @@ class FastFiLMNet(nn.Module):
     """FiLMNet's parameters and function, computed with the fast path (see module docstring).
 
     Inputs and output as FiLMNet: images [B, 3, S, S] uint8 (any memory format), questions
-    [B, L] int64, lengths [B] int64 -> logits [B, num_answers]. `fused=False` uses separate
+    [B, L] int64, lengths [B] int64 (, image_index [B]) -> logits [B, num_answers]. `fused=False` uses separate
     torch ops for the ResBlock tail; `channels_last=False` keeps NCHW activations.
     """
 
@@ -325,10 +326,10 @@ class FastFiLMNet(nn.Module):
         self.film_index = [sum(self.filmed[:i]) if f else -1 for i, f in enumerate(self.filmed)]
         self.classifier = FastClassifier(cfg, num_answers)
 
-    def forward(self, images: Tensor, questions: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, images: Tensor, questions: Tensor, lengths: Tensor, image_index: Tensor | None = None) -> Tensor:
         if self.film_generator is not None:
             gammas, betas = self.film_generator(self.question(questions, lengths))  # [B, num_film, C] each
-        x = self.stem(images)  # [B, C, h, w], channels_last
+        x = per_question(self.stem(images), image_index)  # [B, C, h, w]
         for block, j in zip(self.blocks, self.film_index):
             x = block(x, gammas[:, j], betas[:, j]) if j >= 0 else block(x, None, None)
         return self.classifier(x)  # [B, num_answers]

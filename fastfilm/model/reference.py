@@ -8,6 +8,9 @@ Inputs everywhere:
     images:    [B, 3, S, S] uint8 pixels (or [B, F, h, w] float features when cfg.input == "features")
     questions: [B, L] int64 tokens, <START> ... <END> then <NULL>=0 padding
     lengths:   [B] int64, number of real tokens (START and END included)
+    image_index (optional): [B] int64 row of `images` each question is about; `images` is
+               then [M, ...] with one row per distinct image, and the stem runs once per
+               image however many of its questions the batch holds.
 Output: logits [B, num_answers].
 """
 from __future__ import annotations
@@ -54,6 +57,13 @@ def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:
     if bad:
         raise ValueError(f"film_blocks {bad} out of range for num_blocks={num_blocks}")
     return [i in chosen for i in range(num_blocks)]
+
+
+def per_question(x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+    """Stem output of each question's image: x [M, C, h, w], image_index [B] -> [B, C, h, w].
+    The stem has no question input, so sharing it among an image's questions changes nothing
+    but its batch norm statistics, which count each image once instead of once per question."""
+    return x if image_index is None else x[image_index]
 
 
 class QuestionEncoder(nn.Module):
@@ -214,11 +224,12 @@ class FiLMNet(nn.Module):
         """gamma, beta: [B, num_filmed_blocks, C], for analysis and for the fast model."""
         return self.film_generator(self.question(questions, lengths))
 
-    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
         if self.film_generator is not None:
             gammas, betas = self.film_params(questions, lengths)
         # The stem output's coordinate maps are concatenated by the first block's conv1.
-        x = self.stem(images)  # [B, C, h, w]
+        x = per_question(self.stem(images), image_index)  # [B, C, h, w]
         j = 0
         for block, filmed in zip(self.blocks, self.filmed):
             if filmed:
