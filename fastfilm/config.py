@@ -202,7 +202,7 @@ class QuickstartConfig:
     epochs: int = _f(100, "epoch cap (the minute budgets normally stop training first)")
     batch_size: int = _f(64, "questions per step (paper: 64)")
     group_questions: int = _f(4, "questions per image kept together in a batch: the stem runs once per image "
-                              "(about 2x the questions/s of 1 on a 2-core CPU; 1: independent, as in the paper)")
+                              "(1.3-1.4x the training questions/s of 1 on this CPU; 1: independent, as in the paper)")
     lr: float = _f(1e-3, "Adam learning rate (higher than the paper's 3e-4 for a few-minute run)")
     seed: int = _f(0, "seed for data and training")
     reference: bool = _f(False, "train with the reference model instead of the fast path")
