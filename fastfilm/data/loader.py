@@ -156,8 +156,10 @@ class Loader:
         by_image = shuffled[np.argsort(self.image_index[shuffled], kind="stable")]
         images = self.image_index[by_image]
         starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
-        rank_in_image = np.arange(len(by_image)) - np.repeat(starts, np.diff(np.r_[starts, len(by_image)]))
-        chunk = np.cumsum(np.r_[True, (images[1:] != images[:-1]) | (rank_in_image[1:] % self.group == 0)]) - 1
+        # Position of each question among its image's questions; a chunk starts at a new image
+        # or every `group` questions into one.
+        nth = np.arange(len(by_image)) - np.repeat(starts, np.diff(np.r_[starts, len(by_image)]))
+        chunk = np.cumsum(np.r_[True, (images[1:] != images[:-1]) | (nth[1:] % self.group == 0)]) - 1
         chunk_order = rng.permutation(chunk[-1] + 1) if len(chunk) else chunk
         # Questions sorted by the chunk's new position, keeping their order within a chunk.
         return by_image[np.argsort(np.argsort(chunk_order)[chunk], kind="stable")]

@@ -413,7 +413,8 @@ def family_pool(family: Family, scene: dict, rng: random.Random, view: View | No
     return list(pool.values())
 
 
-def question_pools(scene: dict, families: list[Family], rng: random.Random, slots: int) -> list[tuple[int, list[Candidate]]]:
+def question_pools(scene: dict, families: list[Family], rng: random.Random,
+                   slots: int) -> list[tuple[int, list[Candidate]]]:
     """For each of `slots` questions about `scene`: (family index, pool). Families are taken
     in a per-image random order (so each is used evenly); one that yields nothing on this
     scene (say three hops among three objects) gives its turn to the next."""
