@@ -199,6 +199,8 @@ class QuickstartConfig:
     film_minutes: float = _f(6.0, "training budget for FiLM")
     cnn_gru_minutes: float = _f(1.25, "training budget for the CNN+GRU baseline")
     question_only_minutes: float = _f(0.5, "training budget for the question-only baseline (no CNN: it learns fast)")
+    max_total_minutes: float = _f(9.5, "FiLM's budget is cut so that the whole quickstart ends within this many "
+                                  "minutes even when data generation or the baselines ran slow (0: no limit)")
     epochs: int = _f(100, "epoch cap (the minute budgets normally stop training first)")
     batch_size: int = _f(64, "questions per step (paper: 64)")
     group_questions: int = _f(4, "questions per image kept together in a batch: the stem runs once per image "

@@ -2,6 +2,8 @@
 import json
 
 from fastfilm.cli import main
+from fastfilm.config import QuickstartConfig
+from fastfilm.quickstart import film_minutes
 
 
 def test_quickstart_prints_the_table_and_writes_results(tmp_path, capsys):
@@ -19,3 +21,12 @@ def test_quickstart_prints_the_table_and_writes_results(tmp_path, capsys):
     for row in results["rows"].values():
         assert 0 <= row["accuracy"] <= 1
     assert (out / "runs" / "film" / "metrics.json").exists()
+
+
+def test_film_budget_is_cut_to_end_within_the_total():
+    cfg = QuickstartConfig(film_minutes=6.0, max_total_minutes=9.5)
+    assert film_minutes(cfg, elapsed_s=60) == 6.0  # on time: the full budget
+    late = film_minutes(cfg, elapsed_s=4.5 * 60)  # slow data or baselines: what is left
+    assert late < 6.0 and 4.5 + late < 9.5 and late > 4.5
+    assert film_minutes(cfg, elapsed_s=20 * 60) > 0  # past the total: FiLM still trains briefly
+    assert film_minutes(QuickstartConfig(film_minutes=6.0, max_total_minutes=0), elapsed_s=20 * 60) == 6.0
