@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ratios, time_interleaved, write_results  # noqa: E402
 
-from fastfilm.ops import bn_film_relu_residual  # noqa: E402
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual  # noqa: E402
 
 MODES = ("train_fwd", "eval_fwd", "train_fwd_bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

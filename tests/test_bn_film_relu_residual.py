@@ -16,8 +16,8 @@ import pytest
 import torch.nn.functional as F
 
 from fastfilm.errors import UserError
-from fastfilm.kernels import bn_film_relu_residual as K
-from fastfilm.ops import bn_film_relu_residual
+from fastfilm.kernels import bn_film_relu_residual_triton as K
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
 
 if not torch.cuda.is_available() and not K.INTERPRETED:
     # Another test module imported the kernels before TRITON_INTERPRET was set.

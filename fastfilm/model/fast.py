@@ -12,7 +12,7 @@ one loads strictly into the other) and computes the same function. What differs 
 - Coordinate maps enter every 1x1 conv as a per-position bias ([1, C_out, h, w], from the
   weight's last two input channels) instead of a concatenated copy of the activations.
 - Every ResBlock in the paper's configuration (FiLM after BN, batch norm, residual) ends in
-  fastfilm.ops.bn_film_relu_residual; in eval it folds the running statistics. Other block
+  fastfilm.kernels.bn_film_relu_residual; in eval it folds the running statistics. Other block
   configurations use the reference ResBlock unchanged (chosen at construction).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 from fastfilm.config import ModelConfig
 from fastfilm.model.reference import (Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks,
                                       per_question)
-from fastfilm.ops import bn_film_relu_residual
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
 
 # ---------------------------------------------------------------- GRU recurrence op
 
