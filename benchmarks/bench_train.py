@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def synthetic_batches(n: int, batch_size: int, image_size: int, device: torch.device, seed: int = 0) -> list:
     """n batches (images [B, 3, S, S] uint8 channels_last, questions [B, L] with L the batch's length
     bucket, lengths [B], answers [B]); question lengths roughly like CLEVR's (6..46, mean ~20)."""
-    from fastfilm.fastpath import bucket_length
+    from fastfilm.engine.batching import bucket_length
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -121,11 +121,12 @@ def peak_memory(fn, device: torch.device) -> float:
 
 
 def candidates(ablation: bool, group: int = 0) -> dict:
-    """name -> (FastOptions, questions per image in the training batches)."""
-    from fastfilm.fastpath import FastOptions
+    """name -> (FastConfig, questions per image in the training batches)."""
+    from fastfilm.config import FastConfig
 
-    fast = FastOptions()
-    out = {"reference": (FastOptions(reference=True), 1), "fast": (fast, 1)}
+    fast = FastConfig()
+    out = {"reference": (FastConfig(reference=True, amp="off", compile=False, fused=False, channels_last=False), 1),
+           "fast": (fast, 1)}
     if ablation:
         out.update({"fast -fused": (dataclasses.replace(fast, fused=False), 1),
                     "fast -amp": (dataclasses.replace(fast, amp="off"), 1),
@@ -154,8 +155,12 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from fastfilm.config import model_config
-    from fastfilm.evaluate import resolve_device
-    from fastfilm.fastpath import Predictor, TrainStep, autocast_dtype, build_model, build_optimizer
+    from fastfilm.engine.options import resolve
+    from fastfilm.engine.predictor import Predictor
+    from fastfilm.engine.step import TrainStep
+    from fastfilm.engine.build import build_optimizer
+    from fastfilm.hardware import resolve_device
+    from fastfilm.model import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,19 +177,21 @@ def main(argv=None) -> int:
     # Every candidate starts from the same weights; effective duplicates (e.g. "-amp" where bf16
     # already fell back to fp32) are timed once.
     torch.manual_seed(0)
-    init = build_model(cfg, VOCAB, ANSWERS, candidates(False)["reference"][0], device).state_dict()
+    init = build_model(cfg, VOCAB, ANSWERS).to(device).state_dict()
     runs, same_as, effective = {}, {}, {}
-    for name, (opts, group) in candidates(not args.no_ablation, args.group).items():
-        key = (opts.reference, autocast_dtype(opts.amp, device), opts.compile, opts.fused, opts.channels_last, group)
+    for name, (fast_cfg, group) in candidates(not args.no_ablation, args.group).items():
+        opts = resolve(fast_cfg, device)
+        key = (opts.reference, opts.dtype, opts.compile, opts.fused, opts.channels_last, group)
         if key in effective:
             same_as[name] = effective[key]
             continue
         effective[key] = name
-        model = build_model(cfg, VOCAB, ANSWERS, opts, device)
+        model = build_model(cfg, VOCAB, ANSWERS, fast=not opts.reference, fused=opts.fused,
+                            channels_last=opts.channels_last).to(device)
         model.load_state_dict(init)
         runs[name] = {"opts": opts, "amp": str(key[1] or "fp32").replace("torch.", ""),
-                      "step": TrainStep(model, build_optimizer(model, 3e-4, 1e-5, opts, device), opts, device),
-                      "predict": Predictor(model, opts, device), "i": 0, "group": group}
+                      "step": TrainStep(model, build_optimizer(model, 3e-4, 1e-5, opts), opts),
+                      "predict": Predictor(model, opts), "i": 0, "group": group}
 
     def train_fn(r):
         def call():

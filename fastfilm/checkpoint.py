@@ -4,7 +4,7 @@ A run directory holds:
     last.pt                 everything needed to resume exactly (torch.load(weights_only=True) safe)
     best.safetensors        weights of the best validation epoch
     best.json               its model config, vocabulary and validation accuracy
-Either file loads a model for eval/inference with `load_for_inference`.
+Either file loads a model for eval/inference with `fastfilm.engine.build.load`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """`fastfilm` command line, derived one to one from the dataclasses in fastfilm/config.py.
 
-Each subcommand is (config dataclass, "module:function"); the function is imported only
-when its subcommand runs, so `fastfilm --help` stays fast.
+Each subcommand is (config dataclass, "module:function"); the module is imported only when
+its subcommand runs, so that `fastfilm --help` does not pay for torch's start-up. A field is
+a flag, its `help` metadata the flag's help; `positional=True` makes it an argument; a
+`nested(...)` field contributes the flags it names from another config.
+
+Errors: a user's mistake (UserError) prints one line and exits 2; anything else is a bug
+and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -19,39 +24,53 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
                  "write a CLEVR v1.0-layout dataset (PNG images, scenes, questions with programs)"),
     "preprocess": (C.PreprocessConfig, "fastfilm.data.cache:run",
                    "decode and resize images once into a memory-mapped cache with tokenized questions"),
-    "train": (C.TrainConfig, "fastfilm.train:run", "train a FiLM model (or a baseline) on a CLEVR-layout dataset"),
-    "eval": (C.EvalConfig, "fastfilm.evaluate:run", "accuracy of a checkpoint: overall, per type, per family"),
-    "answer": (C.AnswerConfig, "fastfilm.inference:run", "answer a question about one image"),
-    "quickstart": (C.QuickstartConfig, "fastfilm.quickstart:run",
+    "train": (C.TrainConfig, "fastfilm.commands.train:run",
+              "train a FiLM model (or a baseline) on a CLEVR-layout dataset"),
+    "eval": (C.EvalConfig, "fastfilm.commands.eval:run", "accuracy of a checkpoint: overall, per type, per family"),
+    "answer": (C.AnswerConfig, "fastfilm.commands.answer:run", "answer a question about one image"),
+    "quickstart": (C.QuickstartConfig, "fastfilm.commands.quickstart:run",
                    "generate a small dataset, train FiLM and the Table 1 baselines, print the per-type table"),
 }
 # `train` also takes every ModelConfig field; its defaults come from --preset.
 MODEL_FLAGS_FOR = ("train",)
 
 
-def _type_of(f: dataclasses.Field, hints: dict) -> type:
-    return hints[f.name]
+def _own_fields_first(cls: type) -> list[dataclasses.Field]:
+    """cls's fields, those it declares itself before those it inherits (its own are the
+    command's main flags; inherited ones, like the fast-path switches, come after)."""
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+                 for f in dataclasses.fields(base)}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, defaults_from_preset: bool = False) -> None:
-    """One argparse argument per dataclass field (positional when metadata says so)."""
+def add_dataclass_arguments(parser, cls: type, *, defaults_from_preset: bool = False, prefix: str = "",
+                            only: tuple[str, ...] | None = None, defaults: dict | None = None) -> None:
+    """One argparse argument per dataclass field (positional when metadata says so). Nested
+    configs add the flags they expose; `prefix` keeps their destinations apart ("train.lr")."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        typ = _type_of(f, hints)
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=typ, help=help_text)
+    for f in _own_fields_first(cls):
+        if only is not None and f.name not in only:
             continue
+        if "nested" in f.metadata:
+            add_dataclass_arguments(parser, f.metadata["nested"], prefix=f"{prefix}{f.name}.",
+                                    only=f.metadata["only"], defaults=f.metadata["defaults"])
+            continue
+        typ, help_text, dest = hints[f.name], f.metadata.get("help", ""), prefix + f.name
+        if f.metadata.get("positional"):
+            parser.add_argument(dest, type=typ, help=help_text)
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "preset" if defaults_from_preset else repr(default)
+        kwargs: dict = {"dest": dest, "default": None if defaults_from_preset else default,
+                        "help": f"{help_text} (default: {shown})"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         flag = "--" + f.name.replace("_", "-")
-        default = None if defaults_from_preset else f.default
-        shown = "preset" if defaults_from_preset else repr(f.default)
-        kwargs: dict = {"dest": f.name, "default": default, "help": f"{help_text} (default: {shown})"}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-            parser.add_argument(flag, type=typ, **kwargs)
+            parser.add_argument(flag, type=typ, metavar=None if "choices" in kwargs else f.name.upper(), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,11 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build(cls: type, values: dict, prefix: str = "", defaults: dict | None = None):
+    """cls from the parsed values under `prefix`; fields without a flag keep `defaults` or cls's."""
+    kwargs = dict(defaults or {})
+    for f in dataclasses.fields(cls):
+        if "nested" in f.metadata:
+            kwargs[f.name] = _build(f.metadata["nested"], values, f"{prefix}{f.name}.", f.metadata["defaults"])
+        elif prefix + f.name in values:
+            kwargs[f.name] = values[prefix + f.name]
+    return cls(**kwargs)
+
+
 def split_namespace(command: str, ns: argparse.Namespace) -> tuple[object, dict]:
     """(command config, model overrides) from parsed arguments."""
-    cls = COMMANDS[command][0]
     values = vars(ns)
-    cfg = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+    cfg = _build(COMMANDS[command][0], values)
     overrides = {}
     if command in MODEL_FLAGS_FOR:
         overrides = {f.name: values[f.name] for f in dataclasses.fields(C.ModelConfig) if values[f.name] is not None}
@@ -82,10 +111,11 @@ def split_namespace(command: str, ns: argparse.Namespace) -> tuple[object, dict]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg, overrides = split_namespace(args.command, args)
-    module, fn = COMMANDS[args.command][1].split(":")
-    run = getattr(importlib.import_module(module), fn)
     try:
+        cfg, overrides = split_namespace(args.command, args)
+        C.validate(cfg)
+        module, fn = COMMANDS[args.command][1].split(":")
+        run = getattr(importlib.import_module(module), fn)
         result = run(cfg, **({"model_overrides": overrides} if args.command in MODEL_FLAGS_FOR else {}))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

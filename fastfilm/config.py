@@ -7,11 +7,22 @@ argument. Change a default here and the CLI follows.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from fastfilm.errors import UserError
 
 
 def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
+
+
+def nested(cls: type, only: tuple[str, ...], **defaults):
+    """A field holding a `cls` config inside another command's config. The fields named in
+    `only` become flags of that command (help and choices as declared in `cls`), with
+    `defaults` replacing cls's defaults; the other fields keep theirs (or `defaults`')."""
+    return field(default_factory=lambda: cls(**defaults),
+                 metadata={"nested": cls, "only": only, "defaults": defaults})
 
 
 # ---------------------------------------------------------------- data
@@ -90,9 +101,9 @@ class ModelConfig:
 
 
 # Named model presets. `paper` is the published model. `cpu` is sized for a 2-core CPU and
-# chosen by measured validation accuracy per minute on the quickstart's data (README,
-# "Choosing the cpu preset"): 48x48 input, 32 channels and a 128-unit GRU learned fastest
-# per minute; 64 channels or 64x64 input learned more per epoch but less per minute.
+# was chosen by measured validation accuracy per minute on the quickstart's data (README,
+# "Choosing the cpu preset", has the figures): larger inputs or more channels learned more
+# per epoch but less per minute there.
 PRESETS: dict[str, dict] = {
     "paper": {},
     "cpu": dict(image_size=48, stem_layers=3, channels=32, embed_dim=64, rnn_dim=128,
@@ -105,19 +116,40 @@ PRESETS: dict[str, dict] = {
 def model_config(preset: str = "paper", **overrides) -> ModelConfig:
     """The named preset with `overrides` (None values ignored) applied on top."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"--preset {preset!r}: choose from {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return ModelConfig(**values)
+
+
+# ---------------------------------------------------------------- execution
+
+
+@dataclass
+class FastConfig:
+    """The fast path's switches, shared by every command that runs a model. Each piece can be
+    switched off to see what it buys (docs/fastpath.md); reference=True means the plain
+    oracle and turns every other switch off."""
+    reference: bool = _f(False, "run the plain reference model (the oracle) instead of the fast path")
+    amp: str = _f("bf16", "autocast dtype: bf16, fp16 (with a gradient scaler when training) or off (fp32)",
+                  choices=("bf16", "fp16", "off"))
+    compile: bool = _f(True, "torch.compile the model (fullgraph, static shapes) and the training step")
+    fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
+    channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
+
+
+def fast_config(cfg: FastConfig) -> FastConfig:
+    """The FastConfig part of a command config that extends it."""
+    return FastConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FastConfig)})
 
 
 # ---------------------------------------------------------------- training
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FastConfig):
     """`fastfilm train`: optimisation and run bookkeeping. Defaults are the paper's."""
     data: str = _f("", "CLEVR-layout directory or a cache built by `fastfilm preprocess`", positional=True)
     out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json")
-    preset: str = _f("paper", "model preset: " + ", ".join(PRESETS))
+    preset: str = _f("paper", "model preset", choices=tuple(PRESETS))
     epochs: int = _f(80, "maximum epochs (paper: at most 80)")
     batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64)")
     lr: float = _f(3e-4, "Adam learning rate for the global batch, world size x batch (paper: 3e-4)")
@@ -133,23 +165,23 @@ class TrainConfig:
     group_questions: int = _f(1, "keep up to this many questions about one image together in a batch, so the "
                               "image goes through the stem once for all of them (1: independent questions, as in "
                               "the paper); see docs/fastpath.md")
-    # The fast path (fastfilm/fastpath.py); each piece can be switched off to see what it buys.
-    reference: bool = _f(False, "train the plain reference model (the oracle) instead of the fast path")
-    amp: str = _f("bf16", "autocast dtype: bf16, fp16 (with a gradient scaler) or off (fp32)",
-                  choices=("bf16", "fp16", "off"))
-    compile: bool = _f(True, "torch.compile the model (fullgraph) and the training step")
-    fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
-    channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
-    apex: bool = _f(False, "use NVIDIA apex FusedAdam if genuine apex is installed (else torch's fused/foreach Adam)")
-    # Data-parallel training under torchrun (fastfilm/distributed.py, docs/distributed.md).
+    apex: bool = _f(False, "use NVIDIA apex FusedAdam if genuine apex is installed (else torch's fused Adam)")
+    # Data-parallel training under torchrun (fastfilm/engine/distributed.py, docs/distributed.md).
     sync_bn: bool = _f(False, "under torchrun: batch norm statistics over the global batch instead of per rank "
                        "(turns the fused ResBlock op off: it keeps per-rank statistics)")
     dist_timeout_s: float = _f(600.0, "under torchrun: seconds a collective may wait before the job fails with an "
                                "error (a crashed or stalled rank); raise it if first-step compilation is slower")
 
 
+def train_config_from(saved: dict) -> TrainConfig:
+    """A TrainConfig from a checkpoint's `train_config` dict; fields this version does not
+    know (a newer or an older fastfilm) are dropped, missing ones keep their defaults."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 @dataclass
-class EvalConfig:
+class EvalConfig(FastConfig):
     """`fastfilm eval`: accuracy of a checkpoint overall, per question type and per family."""
     checkpoint: str = _f("", "checkpoint file (.pt or .safetensors) or run directory", positional=True)
     data: str = _f("", "CLEVR-layout directory or cache", positional=True)
@@ -158,9 +190,6 @@ class EvalConfig:
     predictions: str = _f("", "write one predicted answer per line, in question order, to this file")
     batch_size: int = _f(256, "questions per evaluation step")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    reference: bool = _f(False, "evaluate with the plain reference model instead of the fast path")
-    amp: str = _f("bf16", "autocast dtype: bf16, fp16 or off (fp32)", choices=("bf16", "fp16", "off"))
-    compile: bool = _f(True, "torch.compile the model for evaluation")
 
 
 @dataclass
@@ -176,7 +205,7 @@ class AnswerConfig:
 # Zero-hop questions of all five types: what a small model learns within minutes on a CPU.
 # Compare Attribute is compare_size: its objects are named by color, which a 48x48 input
 # shows well; compare_color names them by size, material and shape, which it shows poorly,
-# and "same color" pairs are rare among 3-4 objects (FiLM was at 55% after 24 minutes).
+# and "same color" pairs are rare among 3-4 objects (README, "Quickstart", has the figures).
 QUICKSTART_FAMILIES = ",".join([
     "zero_hop_exist", "zero_hop_count", "zero_hop_query_color", "zero_hop_query_shape", "zero_hop_query_material",
     "zero_hop_query_size", "compare_integer_greater", "compare_size"])
@@ -184,32 +213,79 @@ QUICKSTART_FAMILIES = ",".join([
 
 @dataclass
 class QuickstartConfig:
-    """`fastfilm quickstart`: generate a small dataset, train FiLM and the baselines, print the table."""
+    """`fastfilm quickstart`: generate a small dataset, train FiLM and the baselines, print the table.
+    The generator and trainer flags below are theirs (`fastfilm generate/train --help`) with
+    defaults sized for a few minutes on a 2-core CPU; --seed seeds the data as well."""
     out: str = _f("quickstart", "directory for the generated data, runs and results.json")
-    train_images: int = _f(4000, "generated training images")
-    val_images: int = _f(300, "generated validation images (held out)")
-    questions_per_image: int = _f(10, "questions per image")
-    image_width: int = _f(96, "rendered width (small: the cpu preset sees 48x48)")
-    image_height: int = _f(64, "rendered height")
-    min_objects: int = _f(3, "fewest objects per scene")
-    max_objects: int = _f(4, "most objects per scene")
-    zoom: float = _f(1.9, "camera zoom, so that objects stay several pixels wide at 48x48")
-    families: str = _f(QUICKSTART_FAMILIES, "question families to generate (empty: all)")
-    preset: str = _f("cpu", "model preset for FiLM and the baselines")
     film_minutes: float = _f(6.0, "training budget for FiLM")
     cnn_gru_minutes: float = _f(1.25, "training budget for the CNN+GRU baseline")
     question_only_minutes: float = _f(0.5, "training budget for the question-only baseline (no CNN: it learns fast)")
     max_total_minutes: float = _f(9.5, "FiLM's budget is cut so that the whole quickstart ends within this many "
                                   "minutes even when data generation or the baselines ran slow (0: no limit)")
-    epochs: int = _f(100, "epoch cap (the minute budgets normally stop training first)")
-    batch_size: int = _f(64, "questions per step (paper: 64)")
-    group_questions: int = _f(4, "questions per image kept together in a batch: the stem runs once per image "
-                              "(1.3-1.4x the training questions/s of 1 on this CPU; 1: independent, as in the paper)")
-    lr: float = _f(1e-3, "Adam learning rate (higher than the paper's 3e-4 for a few-minute run)")
-    seed: int = _f(0, "seed for data and training")
-    reference: bool = _f(False, "train with the reference model instead of the fast path")
-    compile: bool = _f(False, "torch.compile the fast path (costs ~80 s on a 2-core CPU, more than it saves here)")
+    # Small images seen at 48x48 by the cpu preset, zoomed so that objects stay several pixels wide.
+    generate: GenerateConfig = nested(
+        GenerateConfig, only=("train_images", "val_images", "questions_per_image", "image_width", "image_height",
+                              "min_objects", "max_objects", "zoom", "families"),
+        train_images=4000, val_images=300, image_width=96, image_height=64, max_objects=4, zoom=1.9,
+        families=QUICKSTART_FAMILIES)
+    # A higher learning rate than the paper's for a run of minutes; grouped questions share the
+    # stem; compile is off because its one-off cost exceeds what it saves in a few minutes
+    # (docs/fastpath.md has the measurements).
+    train: TrainConfig = nested(
+        TrainConfig, only=("preset", "epochs", "batch_size", "group_questions", "lr", "seed", "reference", "amp",
+                           "compile", "fused", "channels_last"),
+        preset="cpu", epochs=100, lr=1e-3, group_questions=4, patience=0, compile=False)
 
 
-def fields_of(cls) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
+# ---------------------------------------------------------------- validation
+
+
+def _need(ok: bool, flag: str, allowed: str, value) -> None:
+    if not ok:
+        raise UserError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
+
+
+def validate(cfg) -> None:
+    """Refuse impossible values before any work, naming the flag (UserError)."""
+    def positive(name: str, zero_ok: bool = False) -> None:
+        if hasattr(cfg, name):
+            v = getattr(cfg, name)
+            ok = v >= 0 if zero_ok else v > 0
+            _need(isinstance(v, (int, float)) and math.isfinite(v) and ok, name,
+                  "must be a finite number " + (">= 0" if zero_ok else "> 0"), v)
+
+    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "log_every", "group_questions", "top",
+                 "dist_timeout_s"):
+        positive(name)
+    for name in ("weight_decay", "patience", "max_minutes", "max_train_questions", "film_minutes",
+                 "cnn_gru_minutes", "question_only_minutes", "max_total_minutes"):
+        positive(name, zero_ok=True)
+    if isinstance(cfg, ModelConfig):
+        from_blocks = cfg.film_blocks
+        try:
+            parse_film_blocks(from_blocks, cfg.num_blocks)
+        except ValueError as e:
+            raise UserError(f"--film-blocks {from_blocks!r}: {e}") from None
+        for name in ("image_size", "stem_layers", "channels", "num_blocks", "embed_dim", "rnn_dim",
+                     "classifier_proj", "classifier_fc", "conv2_kernel", "feature_channels"):
+            positive(name)
+        _need(cfg.conv2_kernel % 2 == 1, "conv2_kernel", "must be odd (the output keeps its size)", cfg.conv2_kernel)
+    for f in dataclasses.fields(cfg):
+        if "nested" in f.metadata:
+            validate(getattr(cfg, f.name))
+
+
+def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:
+    """'all' | 'none' | '0,2' -> which ResBlocks are FiLM-ed ([num_blocks] bools). ValueError otherwise."""
+    if spec == "all":
+        return [True] * num_blocks
+    if spec in ("none", ""):
+        return [False] * num_blocks
+    try:
+        chosen = {int(s) for s in spec.split(",")}
+    except ValueError:
+        raise ValueError(f"film_blocks must be 'all', 'none' or indices like '0,2', got {spec!r}") from None
+    bad = sorted(i for i in chosen if not 0 <= i < num_blocks)
+    if bad:
+        raise ValueError(f"block indices {bad} are out of range 0..{num_blocks - 1} (num_blocks={num_blocks})")
+    return [i in chosen for i in range(num_blocks)]

@@ -23,11 +23,59 @@ def test_cli_defaults_equal_dataclass_defaults(command):
     assert overrides == {}
 
 
+def _flag_fields(cls, only=None):
+    """(class, field) of every flag a config contributes, nested configs included."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        if "nested" in f.metadata:
+            yield from _flag_fields(f.metadata["nested"], f.metadata["only"])
+        else:
+            yield cls, f
+
+
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_field_is_a_flag_with_help(command):
-    cls = COMMANDS[command][0]
-    for f in dataclasses.fields(cls):
+    for cls, f in _flag_fields(COMMANDS[command][0]):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_nested_flags_reach_the_nested_configs():
+    """The quickstart's generator and trainer flags are declared once, in GenerateConfig and
+    TrainConfig, and land in its nested configs; unexposed fields keep the nested defaults."""
+    ns = build_parser().parse_args(["quickstart", "--train-images", "10", "--lr", "0.01", "--no-fused", "--seed", "3"])
+    cfg, _ = split_namespace("quickstart", ns)
+    assert (cfg.generate.train_images, cfg.train.lr, cfg.train.fused, cfg.train.seed) == (10, 0.01, False, 3)
+    assert cfg.generate.val_images == 300 and cfg.train.patience == 0 and cfg.train.compile is False
+    assert cfg == C.QuickstartConfig(generate=C.GenerateConfig(**{**dataclasses.asdict(C.QuickstartConfig().generate),
+                                                                   "train_images": 10}),
+                                     train=C.TrainConfig(**{**dataclasses.asdict(C.QuickstartConfig().train),
+                                                            "lr": 0.01, "fused": False, "seed": 3}))
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", "D", "--film-blocks", "0,9"], "--film-blocks"),
+    (["train", "D", "--batch-size", "0"], "--batch-size"),
+    (["train", "D", "--lr", "nan"], "--lr"),
+    (["train", "D", "--lr", "-1"], "--lr"),
+    (["train", "D", "--epochs", "0"], "--epochs"),
+    (["train", "D", "--max-minutes", "-1"], "--max-minutes"),
+    (["train", "D", "--conv2-kernel", "2"], "--conv2-kernel"),
+    (["eval", "C", "D", "--batch-size", "-3"], "--batch-size"),
+    (["quickstart", "--film-minutes", "-2"], "--film-minutes"),
+])
+def test_bad_values_are_one_line_naming_the_flag(args, flag, capsys, tmp_path):
+    from fastfilm.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
+
+
+def test_unknown_preset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "D", "--preset", "huge"])
+    assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
 
 
 def test_model_flags_override_preset():
@@ -41,7 +89,7 @@ def test_model_flags_override_preset():
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    with pytest.raises(C.UserError, match="--preset 'huge'"):
         C.model_config("huge")
 
 

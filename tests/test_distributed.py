@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 
 from fastfilm import checkpoint as ckpt
-from fastfilm import distributed
+from fastfilm.engine import distributed
+from fastfilm.engine.build import load
+from fastfilm.engine.metrics import accuracy_report
+from fastfilm.engine.options import Execution
+from fastfilm.engine.predictor import predict
+from fastfilm.model import norm
+from fastfilm.commands import eval as eval_cmd
 from fastfilm.config import EvalConfig, TrainConfig, model_config
 from fastfilm.errors import UserError
 
@@ -177,14 +183,14 @@ CASES = {
 
 
 def _one_step(dctx, data: str, root: Path) -> None:
-    from fastfilm.train import train
+    from fastfilm.engine.trainer import train
 
     for name, (kw, model_kw) in CASES.items():
         train(tiny_cfg(data, root / name / "ranks2", max_train_questions=2 * B, **kw), model_config("tiny", **model_kw))
 
 
 def test_one_step_on_two_ranks_equals_one_process_with_double_batch(generated_clevr, tmp_path):
-    from fastfilm.train import train
+    from fastfilm.engine.trainer import train
 
     launch(_one_step, tmp_path, str(generated_clevr), tmp_path)
     for name, (kw, model_kw) in CASES.items():
@@ -199,10 +205,9 @@ def test_one_step_on_two_ranks_equals_one_process_with_double_batch(generated_cl
 
 def _param_names(kw: dict, model_kw: dict) -> list[str]:
     """Parameter names in the optimizer's order (build_optimizer takes model.parameters())."""
-    from fastfilm.fastpath import FastOptions, build_model
+    from fastfilm.model import build_model
 
-    opts = FastOptions(reference=kw.get("reference", False), compile=False, amp="off")
-    model = build_model(model_config("tiny", **model_kw), 40, 30, opts, torch.device("cpu"))
+    model = build_model(model_config("tiny", **model_kw), 40, 30, fast=not kw.get("reference", False))
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -213,7 +218,7 @@ def _param_names(kw: dict, model_kw: dict) -> list[str]:
 def single_run(generated_clevr, tmp_path_factory) -> Path:
     """A one-process tiny run, trained until its answers depend on the image: a checkpoint to
     evaluate and to resume."""
-    from fastfilm.train import train
+    from fastfilm.engine.trainer import train
 
     run = tmp_path_factory.mktemp("single") / "run"
     train(tiny_cfg(generated_clevr, run, epochs=10, lr=1e-2), model_config("tiny"))
@@ -221,6 +226,12 @@ def single_run(generated_clevr, tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- (b) sharded evaluation
+
+
+def _load(checkpoint, device) -> tuple:
+    """(reference model, checkpoint meta) of a checkpoint."""
+    loaded = load(checkpoint, Execution(torch.device(device), reference=True))
+    return loaded.model, loaded.meta
 
 
 def _subset(split, n: int):
@@ -234,35 +245,31 @@ def _subset(split, n: int):
 def _evaluate(dctx, data: str, checkpoint: str, out: Path) -> dict:
     import io
 
-    from fastfilm import evaluate
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.inference import load_model
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        evaluate.run(EvalConfig(checkpoint=checkpoint, data=data, json=True, predictions=str(out / "ranks2.txt"),
+        eval_cmd.run(EvalConfig(checkpoint=checkpoint, data=data, json=True, predictions=str(out / "ranks2.txt"),
                                 batch_size=3, device="cpu", compile=False, amp="off"))
     # 15 questions over 2 ranks: rank 1's shard is one short and repeats a question.
-    model, meta = load_model(checkpoint, dctx.device)
+    model, meta = _load(checkpoint, dctx.device)
     # Ranks whose batch norm statistics drifted apart (per-rank BN) evaluate rank 0's.
     for b in model.buffers():
         b.add_(dctx.rank)
     dctx.sync_buffers(model)
     split = _subset(load_split(prepare(data, meta["model_config"]["image_size"]), "val"), 15)
-    local = evaluate.predict(model, Loader(split, 4, shuffle=False, shard=(dctx.rank, dctx.world_size)), dctx.device)
+    local = predict(model, Loader(split, 4, shuffle=False, shard=(dctx.rank, dctx.world_size)), dctx.device)
     return {"stdout": buf.getvalue(), "local": local, "merged": dctx.merge_predictions(local.copy())}
 
 
 def test_evaluation_over_two_ranks_equals_single_process(generated_clevr, single_run, tmp_path, capsys):
-    from fastfilm import evaluate
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.inference import load_model
 
     ranks = launch(_evaluate, tmp_path, str(generated_clevr), str(single_run / ckpt.LAST), tmp_path)["results"]
     capsys.readouterr()
-    evaluate.run(EvalConfig(checkpoint=str(single_run / ckpt.LAST), data=str(generated_clevr), json=True,
+    eval_cmd.run(EvalConfig(checkpoint=str(single_run / ckpt.LAST), data=str(generated_clevr), json=True,
                             predictions=str(tmp_path / "single.txt"), batch_size=3, device="cpu", compile=False,
                             amp="off"))
     single_report = json.loads(capsys.readouterr().out)
@@ -270,18 +277,18 @@ def test_evaluation_over_two_ranks_equals_single_process(generated_clevr, single
     assert ranks[1]["stdout"] == ""  # rank 0 reports
     assert (tmp_path / "ranks2.txt").read_text() == (tmp_path / "single.txt").read_text()
 
-    model, meta = load_model(single_run / ckpt.LAST, torch.device("cpu"))
+    model, meta = _load(single_run / ckpt.LAST, torch.device("cpu"))
     split = _subset(load_split(prepare(generated_clevr, meta["model_config"]["image_size"]), "val"), 15)
-    want = evaluate.predict(model, Loader(split, 15, shuffle=False), torch.device("cpu"))
+    want = predict(model, Loader(split, 15, shuffle=False), torch.device("cpu"))
     # Not vacuous: answers vary, and rank 1's drifted statistics would have changed some.
     for b in model.buffers():
         b.add_(1)
-    assert len(set(want)) >= 3 and (evaluate.predict(model, Loader(split, 15, shuffle=False), "cpu") != want).any()
+    assert len(set(want)) >= 3 and (predict(model, Loader(split, 15, shuffle=False), "cpu") != want).any()
     for r, res in enumerate(ranks):
         np.testing.assert_array_equal(res["merged"], want)
         # Each rank predicted its own round-robin shard only: 8 + 7 questions, no overlap.
         np.testing.assert_array_equal(np.flatnonzero(res["local"] >= 0), np.arange(r, 15, 2))
-    report = lambda p: evaluate.accuracy_report(p, split.answers, split.types, split.families)
+    report = lambda p: accuracy_report(p, split.answers, split.types, split.families)
     assert report(ranks[0]["merged"]) == report(want) and report(want)["count"] == 15
 
 
@@ -304,8 +311,8 @@ def _record_writes(root: str, writes: list):
 
 
 def _train_and_resume(dctx, data: str, root: Path, single: str) -> dict:
-    from fastfilm import train as train_mod
-    from fastfilm.train import train
+    from fastfilm.engine import trainer as train_mod
+    from fastfilm.engine.trainer import train
 
     writes: list[str] = []
     sys.addaudithook(_record_writes(str(root), writes))
@@ -327,11 +334,9 @@ def _train_and_resume(dctx, data: str, root: Path, single: str) -> dict:
 
 
 def test_checkpoint_and_resume_on_two_ranks(generated_clevr, single_run, tmp_path):
-    from fastfilm import evaluate
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.inference import load_model
-    from fastfilm.train import train
+    from fastfilm.engine.trainer import train
 
     root = tmp_path / "runs"
     ranks = launch(_train_and_resume, tmp_path, str(generated_clevr), root, str(single_run))["results"]
@@ -356,14 +361,14 @@ def test_checkpoint_and_resume_on_two_ranks(generated_clevr, single_run, tmp_pat
     assert json.loads(b["progress"])["step"] == 30 and b["meta"]["world_size"] == 2
     # The sharded, merged validation predictions are those of rank 0's weights (its batch norm
     # statistics included) evaluated in one process.
-    model, _ = load_model(root / "straight" / ckpt.LAST, torch.device("cpu"))
+    model, _ = _load(root / "straight" / ckpt.LAST, torch.device("cpu"))
     val = load_split(prepare(generated_clevr, 32), "val")
-    want = evaluate.predict(model, Loader(val, 16, shuffle=False), torch.device("cpu"))
+    want = predict(model, Loader(val, 16, shuffle=False), torch.device("cpu"))
     assert len(set(want)) >= 2  # answers that depend on the image: a sensitive comparison
     for r in ranks:
         np.testing.assert_array_equal(r["val_preds"], want)
     line = [json.loads(l) for l in (root / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
-    report = evaluate.accuracy_report(want, val.answers, val.types, val.families)
+    report = accuracy_report(want, val.answers, val.types, val.families)
     assert (line["val_accuracy"], line["val_per_type"]) == (report["accuracy"], report["per_type"])
     # Another world size: a clear refusal, both ways.
     assert "trained by 1 process(es) and this launch has 2" in ranks[0]["other_world_error"]
@@ -384,11 +389,11 @@ def _flatten(state, prefix: str = "") -> dict:
 
 
 def _fail_on_rank_1(dctx, data: str, root: Path) -> dict:
-    from fastfilm import fastpath
-    from fastfilm.train import train
+    from fastfilm.engine import step as step_mod
+    from fastfilm.engine.trainer import train
 
     if dctx.rank == 1:
-        real, calls = fastpath.TrainStep.__call__, []
+        real, calls = step_mod.TrainStep.__call__, []
 
         def failing(self, *args, **kwargs):
             calls.append(1)
@@ -396,7 +401,7 @@ def _fail_on_rank_1(dctx, data: str, root: Path) -> dict:
                 raise RuntimeError("injected failure on rank 1")
             return real(self, *args, **kwargs)
 
-        fastpath.TrainStep.__call__ = failing
+        step_mod.TrainStep.__call__ = failing
     t0 = time.monotonic()
     try:
         train(tiny_cfg(data, root / "run", epochs=2), model_config("tiny"))
@@ -429,11 +434,11 @@ def _torchrun(args: list[str], timeout: float) -> tuple[subprocess.CompletedProc
 
 STALL = """
 import os, sys, time
-from fastfilm import fastpath
+from fastfilm.engine import step as step_mod
 from fastfilm.cli import main
 
 if os.environ["RANK"] == "1":
-    real, calls = fastpath.TrainStep.__call__, []
+    real, calls = step_mod.TrainStep.__call__, []
 
     def stalled(self, *args, **kwargs):
         calls.append(1)
@@ -441,7 +446,7 @@ if os.environ["RANK"] == "1":
             time.sleep(120)  # far beyond the 10 s timeout; bounded in case nothing kills it
         return real(self, *args, **kwargs)
 
-    fastpath.TrainStep.__call__ = stalled
+    step_mod.TrainStep.__call__ = stalled
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -474,10 +479,15 @@ def test_torchrun_module_entry_point(generated_clevr, tmp_path):
 def _compiled_and_eager_grads(dctx, data: str) -> dict:
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.fastpath import FastOptions, TrainStep, build_model, build_optimizer, length_buckets
+    from fastfilm.config import FastConfig
+    from fastfilm.data.vocab import Vocab
+    from fastfilm.engine.batching import length_buckets
+    from fastfilm.engine.build import build, build_optimizer
+    from fastfilm.engine.options import resolve
+    from fastfilm.engine.step import TrainStep
 
     cache = prepare(data, 32)
-    vocab = json.loads((cache / "vocab.json").read_text())
+    vocab = Vocab.load(cache / "vocab.json")
     split = load_split(cache, "train")
     loader = Loader(split, B, shuffle=True, shard=(dctx.rank, dctx.world_size),
                     buckets=length_buckets(split.questions.shape[1]))
@@ -485,12 +495,11 @@ def _compiled_and_eager_grads(dctx, data: str) -> dict:
     out = {}
     for compile in (False, True):
         # The default fast model: fused op, per-rank batch norm.
-        opts = FastOptions(amp="off", compile=compile)
+        ex = resolve(FastConfig(amp="off", compile=compile), dctx.device)
         torch.manual_seed(0)
-        model = build_model(model_config("tiny"), len(vocab["question_token_to_idx"]),
-                            len(vocab["answer_token_to_idx"]), opts, dctx.device)
+        model = build(model_config("tiny"), vocab, ex)
         step = TrainStep(distributed.wrap(model, dctx, compile=compile, sync_bn=False),
-                         build_optimizer(model, 3e-3, 1e-5, opts, dctx.device), opts, dctx.device)
+                         build_optimizer(model, 3e-3, 1e-5, ex), ex)
         model.train()
         loss, _ = step.loss(batch.images, batch.questions, batch.lengths, batch.answers,
                             torch.ones(len(batch), device=dctx.device))
@@ -532,10 +541,10 @@ def test_global_batch_norm_is_batch_norm_without_a_process_group():
     model = build_model(model_config("tiny"), 20, 10)
     plain = copy.deepcopy(model)
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    distributed.convert_sync_batchnorm(model)
+    norm.convert_sync_batchnorm(model)
     assert {type(m) for m in model.modules()} & {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d} == set()
     # 2 in the stem, 1 per ResBlock, the classifier's 2d and 1d.
-    assert sum(isinstance(m, distributed.GlobalBatchNorm) for m in model.modules()) == 6
+    assert sum(isinstance(m, norm.GlobalBatchNorm) for m in model.modules()) == 6
     # The same tensors under the same keys: optimizer and checkpoints are unaffected.
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
     torch.manual_seed(0)

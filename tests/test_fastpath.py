@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from fastfilm import fastpath
-from fastfilm.config import TrainConfig, model_config
-from fastfilm.fastpath import (FastOptions, Predictor, TrainStep, bucket_length, build_model, build_optimizer,
-                               length_buckets, pad_batch)
+from fastfilm.config import FastConfig, TrainConfig, fast_config, model_config
+from fastfilm.engine import options
+from fastfilm.engine.batching import bucket_length, length_buckets, pad_batch
+from fastfilm.engine.build import build_optimizer
+from fastfilm.engine.options import Execution, resolve
+from fastfilm.engine.predictor import Predictor
+from fastfilm.engine.step import TrainStep
+from fastfilm.model import build_model
 from fastfilm.model.fast import FastFiLMNet, FastQuestionEncoder, FusedResBlock, gru_last_state, is_paper_block
 from fastfilm.model.reference import FiLMNet, QuestionEncoder
 
@@ -35,6 +39,15 @@ CONFIGS = [
     dict(gamma="sigmoid", beta="zero"), dict(film_position="after_relu"), dict(batchnorm=False),
     dict(residual=False), dict(film_blocks="none"),
 ]
+
+
+def opts(**switches) -> Execution:
+    """The fast path on the CPU with these FastConfig switches (amp, compile, fused, ...)."""
+    return resolve(FastConfig(**switches), CPU)
+
+
+def build(cfg, ex: Execution):
+    return build_model(cfg, VOCAB, ANSWERS, fast=not ex.reference, fused=ex.fused, channels_last=ex.channels_last)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -215,8 +228,8 @@ def test_eager_training_steps_match(fused, channels_last, images_channels_last, 
     8 questions about 4 images (one stem pass per image, image_index), against the reference
     given the same image_index (whose sharing test_model checks against a row per question)."""
     ref, fast = pair(fused=fused, channels_last=channels_last)
-    opts = FastOptions(compile=False, amp="off", fused=fused, channels_last=channels_last)
-    step = TrainStep(fast, torch.optim.SGD(fast.parameters(), lr=LR), opts, CPU)
+    ex = opts(compile=False, amp="off", fused=fused, channels_last=channels_last)
+    step = TrainStep(fast, torch.optim.SGD(fast.parameters(), lr=LR), ex)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     index = torch.tensor([0, 1, 1, 2, 3, 0, 2, 3]) if grouped else None
     for i in range(3):
@@ -240,7 +253,7 @@ def test_eager_training_steps_match(fused, channels_last, images_channels_last, 
 def test_eval_batch_of_one_matches():
     ref, fast = pair()
     ref.eval()
-    predict = Predictor(fast, FastOptions(compile=False, amp="off"), CPU)
+    predict = Predictor(fast, opts(compile=False, amp="off"))
     for seed in range(3):
         images, q, lengths, _ = batch(b=1, seed=seed)
         with torch.no_grad():
@@ -256,10 +269,10 @@ def compiled():
     """A compiled fp32 TrainStep and Predictor over one tiny FastFiLMNet, plus its initial weights."""
     torch.manual_seed(0)
     fast = FastFiLMNet(model_config("tiny"), VOCAB, ANSWERS)
-    opts = FastOptions(amp="off")
-    step = TrainStep(fast, build_optimizer(fast, 1e-3, 1e-5, opts, CPU), opts, CPU)
-    predict = Predictor(fast, opts, CPU, batch_size=8)
-    return types.SimpleNamespace(model=fast, step=step, predict=predict, opts=opts,
+    ex = opts(amp="off")
+    step = TrainStep(fast, build_optimizer(fast, 1e-3, 1e-5, ex), ex)
+    predict = Predictor(fast, ex, batch_size=8)
+    return types.SimpleNamespace(model=fast, step=step, predict=predict, opts=ex,
                                  init=copy.deepcopy(fast.state_dict()))
 
 
@@ -360,14 +373,14 @@ def test_padded_samples_do_not_count():
     """Weight 0 removes padded samples from loss and accuracy (no batch norm here, so the
     padded samples cannot touch the real ones through the statistics either)."""
     torch.manual_seed(0)
-    opts = FastOptions(compile=False, amp="off")
-    model = build_model(model_config("tiny", batchnorm=False), VOCAB, ANSWERS, opts, CPU)
+    ex = opts(compile=False, amp="off")
+    model = build(model_config("tiny", batchnorm=False), ex)
     images, q, lengths, answers = batch(b=5)
     with torch.no_grad():
         logits = model(images, q, lengths)
     (pi, pq, pl, pa), weight = pad_batch(8, images, q, lengths, answers)
     assert weight.tolist() == [1] * 5 + [0] * 3 and torch.equal(pq[5:], q[:3])
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), opts, CPU)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), ex)
     loss, correct = step(pi, pq, pl, pa, weight)
     close(loss, F.cross_entropy(logits, answers), "weighted loss", **FP32)
     assert correct == (logits.argmax(1) == answers).sum()
@@ -376,31 +389,34 @@ def test_padded_samples_do_not_count():
 # ---------------------------------------------------------------- options, AMP, optimizer
 
 
-def test_options_follow_train_config():
-    assert FastOptions.from_train_config(TrainConfig()) == FastOptions()
-    ref = FastOptions.from_train_config(TrainConfig(reference=True))
-    assert (ref.amp, ref.compile, ref.fused, ref.channels_last) == ("off", False, False, False)
-    assert type(build_model(model_config("tiny"), VOCAB, ANSWERS, ref, CPU)) is FiLMNet
-    assert type(build_model(model_config("tiny"), VOCAB, ANSWERS, FastOptions(), CPU)) is FastFiLMNet
+def test_options_follow_train_config(capsys):
+    assert fast_config(TrainConfig()) == FastConfig()
+    ref = resolve(fast_config(TrainConfig(reference=True)), CPU)
+    assert (ref.dtype, ref.compile, ref.fused, ref.channels_last) == (None, False, False, False)
+    assert "--reference runs the plain fp32 eager oracle" in capsys.readouterr().err
+    assert type(build(model_config("tiny"), ref)) is FiLMNet
+    assert type(build(model_config("tiny"), opts())) is FastFiLMNet
+    unfused = opts(fused=False, channels_last=False, compile=False, amp="off")
+    assert (unfused.fused, unfused.channels_last, unfused.compile, unfused.dtype) == (False, False, False, None)
     with pytest.raises(ValueError, match="amp"):
-        FastOptions(amp="fp8")
+        opts(amp="fp8")
 
 
 def test_bf16_falls_back_to_fp32_without_hardware_support(monkeypatch, capsys):
-    monkeypatch.setattr(fastpath, "_NOTED", set())
-    monkeypatch.setattr(fastpath, "native_bf16", lambda device: False)
-    assert fastpath.autocast_dtype("bf16", CPU) is None
+    monkeypatch.setattr(options, "_NOTED", set())
+    monkeypatch.setattr(options, "native_bf16", lambda device: False)
+    assert options.autocast_dtype("bf16", CPU) is None
     assert "no native bf16" in capsys.readouterr().err
-    monkeypatch.setattr(fastpath, "native_bf16", lambda device: True)
-    assert fastpath.autocast_dtype("bf16", CPU) == torch.bfloat16
-    assert fastpath.autocast_dtype("off", CPU) is None
+    monkeypatch.setattr(options, "native_bf16", lambda device: True)
+    assert options.autocast_dtype("bf16", CPU) == torch.bfloat16
+    assert options.autocast_dtype("off", CPU) is None
 
 
 def test_apex_fallback_message(monkeypatch, capsys):
     model = torch.nn.Linear(3, 2)
-    monkeypatch.setattr(fastpath, "_NOTED", set())
+    monkeypatch.setattr(options, "_NOTED", set())
     monkeypatch.setitem(sys.modules, "apex", None)  # absent, whatever is installed
-    opt = build_optimizer(model, 1e-3, 0.0, FastOptions(apex=True), CPU)
+    opt = build_optimizer(model, 1e-3, 0.0, opts(), apex=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert type(opt) is torch.optim.Adam and len(err) == 1 and "apex" in err[0] and "not importable" in err[0]
     # Importable (a stand-in module) but no CUDA device: still torch's Adam, with the reason.
@@ -408,7 +424,7 @@ def test_apex_fallback_message(monkeypatch, capsys):
     fake.FusedAdam = object
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
     monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
-    opt = build_optimizer(model, 1e-3, 0.0, FastOptions(apex=True), CPU)
+    opt = build_optimizer(model, 1e-3, 0.0, opts(), apex=True)
     assert type(opt) is torch.optim.Adam and "needs CUDA" in capsys.readouterr().err
     assert opt.defaults["fused"] and all(g["weight_decay"] == 0.0 for g in opt.param_groups)
 
@@ -416,7 +432,7 @@ def test_apex_fallback_message(monkeypatch, capsys):
 def test_cuda_graphs_need_cuda():
     _, fast = pair()
     with pytest.raises(ValueError, match="CUDA"):
-        Predictor(fast, FastOptions(), CPU, cuda_graphs=True)
+        Predictor(fast, opts(), cuda_graphs=True)
 
 
 # ---------------------------------------------------------------- bf16 AMP training
@@ -448,12 +464,12 @@ def color_task(n: int, seed: int):
 @pytest.mark.slow
 def test_bf16_training_tracks_fp32_reference(monkeypatch):
     """300 steps of bf16 autocast on the fast model vs fp32 on the reference, same batches."""
-    monkeypatch.setattr(fastpath, "native_bf16", lambda device: True)  # this CPU may only emulate bf16
+    monkeypatch.setattr(options, "native_bf16", lambda device: True)  # this CPU may only emulate bf16
     steps, b = 300, 32
     images, q, lengths, answers = color_task(steps * b // 4, seed=0)  # 4 epochs of fixed data
     ref, fast = pair()
-    opts = FastOptions(compile=False)  # amp="bf16"
-    step = TrainStep(fast, build_optimizer(fast, 3e-3, 1e-5, opts, CPU), opts, CPU)
+    ex = opts(compile=False)  # amp="bf16"
+    step = TrainStep(fast, build_optimizer(fast, 3e-3, 1e-5, ex), ex)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-3, weight_decay=1e-5)
     fast_losses, ref_losses = [], []
     for i in range(steps):
@@ -476,7 +492,7 @@ def test_bf16_training_tracks_fp32_reference(monkeypatch):
     ref.eval()
     with torch.no_grad():
         ref_pred = ref(*held[:3]).argmax(1)
-    fast_pred = Predictor(fast, opts, CPU)(*held[:3]).argmax(1)
+    fast_pred = Predictor(fast, ex)(*held[:3]).argmax(1)
     acc_ref, acc_fast = [(p == held[3]).float().mean().item() * 100 for p in (ref_pred, fast_pred)]
     assert abs(acc_fast - acc_ref) <= 1.0, f"held-out accuracy: fast bf16 {acc_fast:.1f}% vs fp32 {acc_ref:.1f}%"
 

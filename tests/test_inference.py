@@ -75,7 +75,7 @@ def test_checkpoint_refuses_data_with_another_answer_set(trained, tmp_path):
                             image_height=32, min_objects=3, max_objects=4, families="zero_hop_count", seed=3,
                             workers=1))
     from fastfilm.config import EvalConfig
-    from fastfilm.evaluate import run
+    from fastfilm.commands.eval import run
 
     with pytest.raises(UserError, match="answer set does not match"):
         run(EvalConfig(checkpoint=str(trained), data=str(other), reference=True))

@@ -3,7 +3,7 @@ import json
 
 from fastfilm.cli import main
 from fastfilm.config import QuickstartConfig
-from fastfilm.quickstart import film_minutes
+from fastfilm.commands.quickstart import film_minutes
 
 
 def test_quickstart_prints_the_table_and_writes_results(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastfilm import checkpoint as ckpt
-from fastfilm import train as train_mod
+from fastfilm.engine import trainer as train_mod
 from fastfilm.config import TrainConfig, model_config
 from fastfilm.errors import UserError
 
@@ -25,14 +25,16 @@ def weights(run) -> dict:
 def test_tiny_run_overfits_to_100_percent(generated_clevr, tmp_path):
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
-    from fastfilm.evaluate import accuracy_report, predict
-    from fastfilm.inference import load_model
+    from fastfilm.engine.build import load
+    from fastfilm.engine.metrics import accuracy_report
+    from fastfilm.engine.options import Execution
+    from fastfilm.engine.predictor import predict
 
     cfg = tiny_cfg(generated_clevr, tmp_path / "run", epochs=60, batch_size=48, lr=1e-2,
                    max_train_questions=0)
     train_mod.train(cfg, model_config("tiny", num_blocks=1, rnn_dim=64, channels=16))
-    model, meta = load_model(tmp_path / "run" / ckpt.LAST, torch.device("cpu"))
-    split = load_split(prepare(generated_clevr, meta["model_config"]["image_size"]), "train")
+    model = load(tmp_path / "run" / ckpt.LAST, Execution(torch.device("cpu"), reference=True)).model
+    split = load_split(prepare(generated_clevr, model.cfg.image_size), "train")
     preds = predict(model, Loader(split, 64, shuffle=False), torch.device("cpu"))
     report = accuracy_report(preds, split.answers, split.types, split.families)
     assert report["accuracy"] == 1.0, report

@@ -1,7 +1,6 @@
 """`fastfilm quickstart`: generate a small CLEVR-style dataset, train FiLM and the Table 1
-baselines on it, and print the per-type table. Sized to finish in under 10 minutes on
-a 2-core CPU (see README for the measured table).
-"""
+baselines on it, and print the per-type table. Sized to finish in under 10 minutes on a
+2-core CPU (README has the measured table)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,32 +8,26 @@ import sys
 import time
 from pathlib import Path
 
-
 from fastfilm.atomic import write_json
-from fastfilm.config import GenerateConfig, QuickstartConfig, TrainConfig, model_config
+from fastfilm.config import QuickstartConfig, model_config
+from fastfilm.data.cache import load_split, prepare
+from fastfilm.data.generate import run as generate
+from fastfilm.engine.metrics import accuracy_report, format_table
+from fastfilm.engine.trainer import train
+from fastfilm.model import QTypeBaseline
 
 
 def _generate(cfg: QuickstartConfig, data: Path) -> None:
-    from fastfilm.data.generate import run as generate
-
     done = data / "questions" / "CLEVR_val_questions.json"
     if done.exists():
         print(f"[quickstart] reusing {data}", file=sys.stderr)
         return
-    gen = GenerateConfig(out=str(data), train_images=cfg.train_images, val_images=cfg.val_images,
-                         questions_per_image=cfg.questions_per_image, image_width=cfg.image_width,
-                         image_height=cfg.image_height, min_objects=cfg.min_objects,
-                         max_objects=cfg.max_objects, zoom=cfg.zoom, families=cfg.families, seed=cfg.seed)
-    generate(gen)
+    generate(dataclasses.replace(cfg.generate, out=str(data), seed=cfg.train.seed))
 
 
 def _qtype(cache: Path) -> dict:
-    from fastfilm.data.cache import load_split
-    from fastfilm.evaluate import accuracy_report
-    from fastfilm.model import QTypeBaseline
-
-    train, val = load_split(cache, "train"), load_split(cache, "val")
-    base = QTypeBaseline().fit(train.answers, train.families, train.types)
+    train_split, val = load_split(cache, "train"), load_split(cache, "val")
+    base = QTypeBaseline().fit(train_split.answers, train_split.families, train_split.types)
     preds = base.predict(val.families, val.types)
     return accuracy_report(preds, val.answers, val.types, val.families)
 
@@ -53,15 +46,11 @@ def film_minutes(cfg: QuickstartConfig, elapsed_s: float) -> float:
 
 
 def run(cfg: QuickstartConfig) -> int:
-    from fastfilm.data.cache import prepare
-    from fastfilm.evaluate import format_table
-    from fastfilm.train import train
-
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data = out / "data"
     _generate(cfg, data)
-    preset = model_config(cfg.preset)
+    preset = model_config(cfg.train.preset)
     cache = prepare(data, preset.image_size)
     print(f"[quickstart] data ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
@@ -75,12 +64,9 @@ def run(cfg: QuickstartConfig) -> int:
             if minutes < cfg.film_minutes:
                 print(f"[quickstart] FiLM gets {minutes:.2f} min instead of {cfg.film_minutes:g} to end within "
                       f"--max-total-minutes {cfg.max_total_minutes:g}", file=sys.stderr)
-        tcfg = TrainConfig(data=str(cache), out=str(out / "runs" / arch), preset=cfg.preset, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size, group_questions=cfg.group_questions, lr=cfg.lr, patience=0,
-                           max_minutes=minutes, seed=cfg.seed,
-                           reference=cfg.reference, compile=cfg.compile)
+        tcfg = dataclasses.replace(cfg.train, data=str(cache), out=str(out / "runs" / arch), max_minutes=minutes)
         print(f"[quickstart] training {title} for up to {minutes:g} min", file=sys.stderr)
-        metrics = train(tcfg, model_config(cfg.preset, arch=arch))
+        metrics = train(tcfg, model_config(cfg.train.preset, arch=arch))
         rows[title] = {"accuracy": metrics["val_accuracy"], "per_type": metrics["per_type"]}
 
     table = format_table(rows)

@@ -1,0 +1,50 @@
+"""`fastfilm eval`: accuracy of a checkpoint on a split, overall, per type and per family.
+Under torchrun every rank predicts its shard of the split and rank 0 reports on the merged
+predictions (each question counted once)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastfilm.atomic import atomic_write
+from fastfilm.config import EvalConfig, fast_config
+from fastfilm.data.cache import load_split, prepare
+from fastfilm.data.loader import Loader
+from fastfilm.engine import distributed
+from fastfilm.engine.build import check_vocab_matches, load
+from fastfilm.engine.metrics import accuracy_report, format_table
+from fastfilm.engine.options import resolve
+from fastfilm.engine.predictor import Predictor, predict
+
+
+def run(cfg: EvalConfig) -> int:
+    with distributed.session(cfg.device) as dctx:
+        return _run(cfg, dctx)
+
+
+def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
+    ex = resolve(fast_config(cfg), dctx.device)
+    loaded = load(cfg.checkpoint, ex)
+    cache = prepare(cfg.data, loaded.config.image_size, splits=(cfg.split,))
+    check_vocab_matches(loaded.vocab, cache, cfg.data)
+    split = load_split(cache, cfg.split)
+    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size)
+    loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
+                    **predictor.padding.loader_kwargs(split.questions.shape[1]))
+    preds = predict(predictor, loader, dctx.device, progress=sys.stderr.isatty() and dctx.is_main)
+    preds = dctx.merge_predictions(preds)
+    if not dctx.is_main:
+        return 0
+    report = accuracy_report(preds, split.answers, split.types, split.families)
+    if cfg.predictions:
+        text = "".join(loaded.vocab.idx_to_answer[int(p)] + "\n" for p in preds)
+        atomic_write(Path(cfg.predictions), lambda tmp: Path(tmp).write_text(text))
+    if cfg.json:
+        print(json.dumps({"split": cfg.split, **report}, indent=2))
+    elif report["accuracy"] is None:
+        print(f"{cfg.split}: no answers in this split; predictions only")
+    else:
+        print(f"{cfg.split}: {report['count']} questions, accuracy {100 * report['accuracy']:.2f}%")
+        print(format_table({loaded.meta.get("arch", "model"): report}))
+    return 0

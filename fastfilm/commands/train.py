@@ -1,0 +1,29 @@
+"""`fastfilm train`: the trainer (engine/trainer.py) behind the command line."""
+from __future__ import annotations
+
+import sys
+
+from fastfilm.config import TrainConfig, model_config, validate
+from fastfilm.engine import distributed
+from fastfilm.engine.trainer import NonFiniteLoss, train
+
+
+def run(cfg: TrainConfig, model_overrides: dict | None = None) -> int:
+    model_cfg = model_config(cfg.preset, **(model_overrides or {}))
+    validate(model_cfg)
+    try:
+        metrics = train(cfg, model_cfg)
+    except NonFiniteLoss as e:
+        print(f"fastfilm train: stopped: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:
+        if distributed.launched_world_size() > 1 and distributed.is_comm_error(e):
+            print(f"fastfilm train: error: {distributed.explain_comm_error(e, cfg.dist_timeout_s)}", file=sys.stderr)
+            return 4
+        raise
+    if not distributed.is_main():
+        return 0
+    acc = metrics["val_accuracy"]
+    print(f"{cfg.resume or cfg.out}: val accuracy {100 * acc:.2f}% (best epoch {metrics['best_epoch']}, "
+          f"stopped: {metrics['stopped']})" if acc is not None else "no validation accuracy")
+    return 0
