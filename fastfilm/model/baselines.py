@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastfilm.config import ModelConfig
-from fastfilm.model.reference import Classifier, QuestionEncoder, ResBlock, Stem, per_question
+from fastfilm.model.reference import Classifier, PlainResBlock, QuestionEncoder, Stem, per_question
 
 
 class QuestionOnly(nn.Module):
@@ -26,6 +26,10 @@ class QuestionOnly(nn.Module):
         self.fc1 = nn.Linear(cfg.rnn_dim, cfg.classifier_fc)
         self.bn1 = nn.BatchNorm1d(cfg.classifier_fc) if cfg.batchnorm else nn.Identity()
         self.fc2 = nn.Linear(cfg.classifier_fc, num_answers)
+
+    def may_leave_parameters_unused(self) -> bool:
+        """Every parameter is on the path to the logits (see FiLMNet's)."""
+        return False
 
     def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor,
                 image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,8 +45,12 @@ class CNNGRU(nn.Module):
         self.cfg = cfg
         self.question = QuestionEncoder(vocab_size, cfg.embed_dim, cfg.rnn_dim)
         self.stem = Stem(cfg)
-        self.blocks = nn.ModuleList(ResBlock(cfg, filmed=False) for _ in range(cfg.num_blocks))
+        self.blocks = nn.ModuleList(PlainResBlock(cfg) for _ in range(cfg.num_blocks))
         self.classifier = Classifier(cfg, num_answers, extra_features=cfg.rnn_dim)
+
+    def may_leave_parameters_unused(self) -> bool:
+        """Every parameter is on the path to the logits (see FiLMNet's)."""
+        return False
 
     def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor,
                 image_index: torch.Tensor | None = None) -> torch.Tensor:

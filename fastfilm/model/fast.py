@@ -13,7 +13,7 @@ one loads strictly into the other) and computes the same function. What differs 
   weight's last two input channels) instead of a concatenated copy of the activations.
 - Every ResBlock in the paper's configuration (FiLM after BN, batch norm, residual) ends in
   fastfilm.kernels.bn_film_relu_residual; in eval it folds the running statistics. Other block
-  configurations use the reference ResBlock unchanged (chosen at construction).
+  configurations use the reference block classes unchanged (build_block, chosen at construction).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastfilm.config import ModelConfig
-from fastfilm.model.reference import (Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks,
+from fastfilm.model.reference import (Classifier, FiLMGenerator, Stem, build_block, coord_map, parse_film_blocks,
                                       per_question)
 from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
 
@@ -205,28 +205,6 @@ class FastQuestionEncoder(nn.Module):
         return torch.empty_like(last).index_copy_(0, order, last)  # [B, H] in the input order
 
 
-def _gamma_linear(raw: Tensor) -> Tensor:
-    return 1 + raw
-
-
-_GAMMA = {"linear": _gamma_linear, "one": torch.ones_like, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-          "exp": torch.exp}
-_BETA = {"linear": lambda raw: raw, "zero": torch.zeros_like}
-
-
-class FastFiLMGenerator(FiLMGenerator):
-    """FiLMGenerator with the gamma/beta parametrisation picked at construction."""
-
-    def __init__(self, rnn_dim: int, num_film: int, channels: int, gamma: str, beta: str):
-        super().__init__(rnn_dim, num_film, channels, gamma, beta)
-        self.gamma_fn, self.beta_fn = _GAMMA[gamma], _BETA[beta]
-
-    def forward(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """q: [B, rnn_dim] -> gamma, beta: [B, num_film, C]."""
-        out = self.linear(q).view(q.size(0), self.num_film, 2, self.channels)
-        return self.gamma_fn(out[:, :, 0]), self.beta_fn(out[:, :, 1])
-
-
 def conv1x1_coords(x: Tensor, conv: nn.Conv2d, coords: bool) -> Tensor:
     """conv(cat(x, coord maps)) without the concatenation. x: [B, C, h, w] -> [B, C_out, h, w].
     The two coordinate input channels only add a [1, C_out, h, w] per-position bias."""
@@ -317,14 +295,18 @@ class FastFiLMNet(nn.Module):
         self.filmed = parse_film_blocks(cfg.film_blocks, cfg.num_blocks)
         num_film = sum(self.filmed)
         self.question = FastQuestionEncoder(vocab_size, cfg.embed_dim, cfg.rnn_dim)
-        self.film_generator = (FastFiLMGenerator(cfg.rnn_dim, num_film, cfg.channels, cfg.gamma, cfg.beta)
+        self.film_generator = (FiLMGenerator(cfg.rnn_dim, num_film, cfg.channels, cfg.gamma, cfg.beta)
                                if num_film else None)
         self.stem = FastStem(cfg, channels_last)
-        self.blocks = nn.ModuleList(FusedResBlock(cfg, fused) if is_paper_block(cfg, f) else ResBlock(cfg, f)
+        self.blocks = nn.ModuleList(FusedResBlock(cfg, fused) if is_paper_block(cfg, f) else build_block(cfg, f)
                                     for f in self.filmed)
         # Block i takes (gamma, beta)[:, film_index[i]]; -1: no FiLM.
         self.film_index = [sum(self.filmed[:i]) if f else -1 for i, f in enumerate(self.filmed)]
         self.classifier = FastClassifier(cfg, num_answers)
+
+    def may_leave_parameters_unused(self) -> bool:
+        """As FiLMNet.may_leave_parameters_unused (the same parameters take the same paths)."""
+        return self.film_generator is None or self.film_generator.constant
 
     def forward(self, images: Tensor, questions: Tensor, lengths: Tensor, image_index: Tensor | None = None) -> Tensor:
         if self.film_generator is not None:

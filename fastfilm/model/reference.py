@@ -1,8 +1,16 @@
 """The reference FiLM model: plain eager PyTorch that follows the paper line by line.
 
 This is the oracle every fast path is tested against, so it favours the obvious
-expression of each equation over speed. Section numbers refer to Perez et al. 2017
-(arXiv 1709.07871) as summarised in shared/FILM_PAPER.md.
+expression of each equation over speed. References are to Perez et al. 2017, "FiLM: Visual
+Reasoning with a General Conditioning Layer" (arXiv 1709.07871): Sec. 2 the FiLM layer,
+Sec. 3 the model, the Appendix for gamma's initialisation, Tables 2 and 3 the ablations.
+
+Every ablation is chosen once, when the model is built: the gamma/beta parametrisation is a
+function picked from GAMMA/BETA, the FiLM position a block class picked from FILM_POSITIONS,
+batch norm off an identity module, the residual connection a flag fixed per block. No forward
+dispatches on a config string. Only the switches that change parameters (batchnorm, coords,
+conv2_kernel, num_blocks, film_blocks) change the state_dict; tests/test_model.py pins its
+keys and shapes, so that earlier checkpoints keep loading.
 
 Inputs everywhere:
     images:    [B, 3, S, S] uint8 pixels (or [B, F, h, w] float features when cfg.input == "features")
@@ -83,34 +91,48 @@ class QuestionEncoder(nn.Module):
         return states.gather(1, last).squeeze(1)
 
 
+def _one_plus(raw: torch.Tensor) -> torch.Tensor:
+    return 1 + raw  # Appendix: gamma = 1 + delta, so a fresh network's FiLM layers start near identity
+
+
+def _unchanged(raw: torch.Tensor) -> torch.Tensor:
+    return raw
+
+
+# The gamma and beta parametrisations of Table 2 (ModelConfig.gamma, .beta): raw generator
+# output [B, num_film, C] -> gamma or beta of the same shape.
+GAMMA = {"linear": _one_plus, "one": torch.ones_like, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp}
+BETA = {"linear": _unchanged, "zero": torch.zeros_like}
+
+
 class FiLMGenerator(nn.Module):
-    """One linear layer from the question embedding to (gamma, beta) of every FiLM-ed block."""
+    """One linear layer from the question embedding to (gamma, beta) of every FiLM-ed block (Sec. 3).
+    The linear layer's output is laid out [num_film, (gamma, beta), C] for every parametrisation,
+    so that checkpoints keep their meaning whichever one is chosen."""
 
     def __init__(self, rnn_dim: int, num_film: int, channels: int, gamma: str, beta: str):
         super().__init__()
+        if gamma not in GAMMA or beta not in BETA:
+            raise ValueError(f"unknown FiLM parametrisation gamma={gamma!r}, beta={beta!r}; "
+                             f"gamma is one of {sorted(GAMMA)}, beta one of {sorted(BETA)}")
         self.num_film, self.channels = num_film, channels
         self.gamma_kind, self.beta_kind = gamma, beta
+        self.gamma_fn, self.beta_fn = GAMMA[gamma], BETA[beta]
         self.linear = nn.Linear(rnn_dim, num_film * 2 * channels)
+
+    @property
+    def constant(self) -> bool:
+        """gamma := 1 and beta := 0: the output ignores the question, so neither this layer
+        nor the question encoder receives a gradient."""
+        return self.gamma_fn is torch.ones_like and self.beta_fn is torch.zeros_like
 
     def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [B, rnn_dim] -> gamma, beta: [B, num_film, C]."""
         out = self.linear(q).view(q.size(0), self.num_film, 2, self.channels)
-        raw_gamma, beta = out[:, :, 0], out[:, :, 1]
-        if self.gamma_kind == "linear":
-            gamma = 1 + raw_gamma  # appendix: start as identity
-        elif self.gamma_kind == "one":
-            gamma = torch.ones_like(raw_gamma)
-        elif self.gamma_kind == "sigmoid":
-            gamma = torch.sigmoid(raw_gamma)
-        elif self.gamma_kind == "tanh":
-            gamma = torch.tanh(raw_gamma)
-        elif self.gamma_kind == "exp":
-            gamma = torch.exp(raw_gamma)
-        else:
-            raise ValueError(f"unknown gamma parametrisation {self.gamma_kind!r}")
-        if self.beta_kind == "zero":
-            beta = torch.zeros_like(beta)
-        return gamma, beta
+        return self.gamma_fn(out[:, :, 0]), self.beta_fn(out[:, :, 1])
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma_kind}, beta={self.beta_kind}"
 
 
 def film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -150,31 +172,95 @@ class Stem(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x = ReLU(Conv1x1([x, coords])); y = ReLU(FiLM(BN(Conv3x3(x)))); out = x + y."""
+    """The paper's ResBlock (Sec. 3), FiLM after batch norm:
+        x = ReLU(Conv1x1([x, coords])); y = ReLU(FiLM(BN(Conv3x3(x)))); out = x + y.
 
-    def __init__(self, cfg: ModelConfig, filmed: bool):
+    The blocks of the film_position ablation (Table 3) subclass it and override forward only,
+    so every block has these parameters. The switches below shape the modules, whatever the
+    position: batchnorm=False makes `bn` an identity and gives conv2 a bias, coords=False drops
+    conv1's two coordinate input channels, conv2_kernel sets conv2's kernel, residual=False
+    drops the skip connection (out = y)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         c, k = cfg.channels, cfg.conv2_kernel
-        self.coords, self.residual, self.filmed = cfg.coords, cfg.residual, filmed
-        self.position = cfg.film_position
+        self.coords, self.residual = cfg.coords, cfg.residual
         self.conv1 = nn.Conv2d(c + 2 * cfg.coords, c, 1)
         # BN follows conv2, so a bias there would be cancelled by the mean subtraction.
         self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=not cfg.batchnorm)
         # Affine off: FiLM supplies the per-sample scale and shift.
         self.bn = nn.BatchNorm2d(c, affine=False) if cfg.batchnorm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, C, h, w], gamma/beta: [B, C] (None for a block without FiLM) -> [B, C, h, w]."""
-        def modulate(t: torch.Tensor, here: str) -> torch.Tensor:
-            return film(t, gamma, beta) if self.filmed and self.position == here else t
-
-        x = modulate(x, "before_conv1")
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
         x = F.relu(self.conv1(with_coords(x, self.coords)))
-        y = modulate(self.conv2(x), "after_conv2")
-        y = modulate(self.bn(y), "after_bn")
-        y = modulate(F.relu(y), "after_relu")
-        out = x + y if self.residual else y
-        return modulate(out, "after_residual")
+        y = F.relu(film(self.bn(self.conv2(x)), gamma, beta))
+        return x + y if self.residual else y
+
+
+class PlainResBlock(ResBlock):
+    """A block without FiLM (film_blocks ablation, CNN+GRU baseline): y = ReLU(BN(Conv3x3(x)))."""
+
+    def forward(self, x: torch.Tensor, gamma: None = None, beta: None = None) -> torch.Tensor:
+        """x: [B, C, h, w] -> [B, C, h, w]; gamma and beta are not used."""
+        x = F.relu(self.conv1(with_coords(x, self.coords)))
+        y = F.relu(self.bn(self.conv2(x)))
+        return x + y if self.residual else y
+
+
+class FiLMBeforeConv1(ResBlock):
+    """Table 3, FiLM on the block's input: x = ReLU(Conv1x1([FiLM(x), coords])); y = ReLU(BN(Conv3x3(x)))."""
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
+        x = F.relu(self.conv1(with_coords(film(x, gamma, beta), self.coords)))
+        y = F.relu(self.bn(self.conv2(x)))
+        return x + y if self.residual else y
+
+
+class FiLMAfterConv2(ResBlock):
+    """Table 3, FiLM before batch norm: y = ReLU(BN(FiLM(Conv3x3(x))))."""
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
+        x = F.relu(self.conv1(with_coords(x, self.coords)))
+        y = F.relu(self.bn(film(self.conv2(x), gamma, beta)))
+        return x + y if self.residual else y
+
+
+class FiLMAfterReLU(ResBlock):
+    """Table 3, FiLM after the ReLU: y = FiLM(ReLU(BN(Conv3x3(x))))."""
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
+        x = F.relu(self.conv1(with_coords(x, self.coords)))
+        y = film(F.relu(self.bn(self.conv2(x))), gamma, beta)
+        return x + y if self.residual else y
+
+
+class FiLMAfterResidual(ResBlock):
+    """Table 3, FiLM on the block's output: out = FiLM(x + y), y = ReLU(BN(Conv3x3(x)))."""
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
+        x = F.relu(self.conv1(with_coords(x, self.coords)))
+        y = F.relu(self.bn(self.conv2(x)))
+        return film(x + y if self.residual else y, gamma, beta)
+
+
+# ModelConfig.film_position -> the class of a FiLM-ed block.
+FILM_POSITIONS: dict[str, type[ResBlock]] = {"after_bn": ResBlock, "before_conv1": FiLMBeforeConv1,
+                                             "after_conv2": FiLMAfterConv2, "after_relu": FiLMAfterReLU,
+                                             "after_residual": FiLMAfterResidual}
+
+
+def build_block(cfg: ModelConfig, filmed: bool) -> ResBlock:
+    """The block `cfg` asks for: FILM_POSITIONS[cfg.film_position] if FiLM-ed, else PlainResBlock."""
+    if not filmed:
+        return PlainResBlock(cfg)
+    if cfg.film_position not in FILM_POSITIONS:
+        raise ValueError(f"unknown film_position {cfg.film_position!r}; choose from {sorted(FILM_POSITIONS)}")
+    return FILM_POSITIONS[cfg.film_position](cfg)
 
 
 class Classifier(nn.Module):
@@ -205,7 +291,7 @@ class Classifier(nn.Module):
 
 
 class FiLMNet(nn.Module):
-    """The paper's CNN+GRU+FiLM network (and every Table 2/3 ablation through ModelConfig)."""
+    """The paper's CNN+GRU+FiLM network (Sec. 3), and every Table 2/3 ablation through ModelConfig."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int):
         super().__init__()
@@ -217,8 +303,14 @@ class FiLMNet(nn.Module):
         self.film_generator = (FiLMGenerator(cfg.rnn_dim, num_film, cfg.channels, cfg.gamma, cfg.beta)
                                if num_film else None)
         self.stem = Stem(cfg)
-        self.blocks = nn.ModuleList(ResBlock(cfg, f) for f in self.filmed)
+        self.blocks = nn.ModuleList(build_block(cfg, f) for f in self.filmed)
         self.classifier = Classifier(cfg, num_answers)
+
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether a backward leaves some parameters without a gradient, which DDP must be told
+        (find_unused_parameters): the question encoder and the generator, when no block is
+        FiLM-ed or when FiLM is the identity (gamma := 1, beta := 0)."""
+        return self.film_generator is None or self.film_generator.constant
 
     def film_params(self, questions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """gamma, beta: [B, num_filmed_blocks, C], for analysis and for the fast model."""
