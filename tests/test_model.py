@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from fastfilm.config import ModelConfig, model_config
 from fastfilm.model import FiLMNet, QTypeBaseline, build_model
 from fastfilm.model.fast import FastFiLMNet
-from fastfilm.model.reference import coord_map, parse_film_blocks
+from fastfilm.config import parse_film_blocks
+from fastfilm.model.reference import coord_map
 
 VOCAB, ANSWERS = 30, 7
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastfilm.config import ModelConfig
+from fastfilm.config import ModelConfig, parse_film_blocks
 
 # Pixels are standardised with ImageNet statistics, the convention of the ResNet
 # features the paper compares against; any fixed affine map would do.
@@ -49,22 +49,6 @@ def with_coords(x: torch.Tensor, enabled: bool) -> torch.Tensor:
         return x
     b, _, h, w = x.shape
     return torch.cat([x, coord_map(h, w, x).expand(b, -1, -1, -1)], dim=1)
-
-
-def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:
-    """'all' | 'none' | '0,2' -> which ResBlocks are FiLM-ed."""
-    if spec == "all":
-        return [True] * num_blocks
-    if spec in ("none", ""):
-        return [False] * num_blocks
-    try:
-        chosen = {int(s) for s in spec.split(",")}
-    except ValueError:
-        raise ValueError(f"film_blocks must be 'all', 'none' or indices like '0,2', got {spec!r}") from None
-    bad = [i for i in chosen if not 0 <= i < num_blocks]
-    if bad:
-        raise ValueError(f"film_blocks {bad} out of range for num_blocks={num_blocks}")
-    return [i in chosen for i in range(num_blocks)]
 
 
 def per_question(x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
