@@ -264,7 +264,8 @@ def test_each_spelling_reads_the_same_for_every_user(tmp_path, spelling):
     ({"inputs": [0], "value_inputs": []}, "program step 1: missing 'function'"),
     ("count", "program step 1: expected an object"),
     ({"function": "count", "inputs": ["0"]}, r"program step 1 \(count\): 'inputs' must be a list"),
-    ({"function": "count", "inputs": [0], "value_inputs": "x"}, r"program step 1 \(count\): 'value_inputs' must be a list"),
+    ({"function": "count", "inputs": [0], "value_inputs": "x"},
+     r"program step 1 \(count\): 'value_inputs' must be a list"),
 ])
 def test_every_user_names_the_bad_step(tmp_path, bad_step, match):
     program = [{"function": "scene", "inputs": []}, bad_step]
