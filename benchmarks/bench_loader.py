@@ -13,6 +13,7 @@ questions it serves in the time of one step: it must stay above 1.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -74,3 +75,7 @@ def test_train_step(benchmark, throughput, quick, split):
     benchmark.extra_info["model"] = f"reference FiLM, preset cpu, {overrides}"
     benchmark.pedantic(step, rounds=max(1, scale(quick)["rounds"] - 2), warmup_rounds=1)
     throughput(BATCH, "questions", baseline=True)
+
+
+if __name__ == "__main__":  # `python benchmarks/<this file> [pytest options]` runs it under pytest
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -14,6 +14,7 @@ tests/test_cache.py bounds, and the largest single difference). Each backend's f
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,7 @@ def test_decode(benchmark, throughput, quick, image_sets, pillow_pixels, image_s
         benchmark.extra_info.update(mean_abs_diff_vs_pillow=float(diff.mean()),
                                     worst_image_mean_abs_diff=float(diff.mean(axis=(1, 2, 3)).max()),
                                     max_abs_diff_vs_pillow=int(diff.max()))
+
+
+if __name__ == "__main__":  # `python benchmarks/<this file> [pytest options]` runs it under pytest
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
