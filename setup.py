@@ -15,12 +15,20 @@ setup(
     # torch is left unpinned so that GPU users bring their own build; on a CPU-only
     # machine install `torch==2.13.0` in the same pip command (see README).
     install_requires=[
-        "torch>=2.4",
+        # torch.library.custom_op/register_fake/register_autograd/opcheck and fused Adam on
+        # CPU arrived in 2.4, but the fast path's compiler settings use
+        # torch._dynamo.config.recompile_limit, the name 2.7 gave to cache_size_limit (2.6
+        # has no such setting). On Linux x86-64, torch's PyPI wheels pin one Triton each
+        # (2.7: triton==3.3.0, 2.8: triton==3.4.0), so with the Triton floor below pip
+        # resolves torch>=2.8 there.
+        "torch>=2.7",
         "numpy>=1.24",
         "pillow>=9",
         "tqdm>=4.60",
         "safetensors>=0.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        # kernels/bn_film_relu_residual_triton.py reads triton.knobs.runtime.interpret;
+        # triton.knobs first shipped in 3.4.0 (3.3.1 has no triton.knobs).
+        "triton>=3.4; platform_system == 'Linux'",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

@@ -1,22 +1,31 @@
-"""Generator throughput: images/s and questions/s of `fastfilm generate` on this machine.
+"""Generator throughput: what `fastfilm generate` costs per image and in total on this machine.
 
-1. Per-image cost of each stage on one core, all sizes interleaved in one run: scene
-   sampling + render (with re-draws of scenes that hide an object), PNG encoding, and the
-   question pools of 10 questions. Sizes: 480x320 (CLEVR's), 128x96 and 96x64 with 3-6
-   objects (quickstart-sized), 128x96 with --supersample 2.
-2. End to end: `generate.run` on every core (N images x 10 questions, files written),
-   the sizes interleaved; images/s and questions/s as measured, and the CPU time per
-   image, which gives the rate on idle cores (a shared machine's wall times also count
-   the time other jobs held the cores; the load average is recorded).
-3. The time for 10,000 images x ~10 questions at 480x320, extrapolated from one measured
-   end-to-end run of --big images (said so in the JSON).
+Microbenchmarks (pytest-benchmark, one core, BATCH images per round):
+- `test_scene_render`: scene sampling + render, with the re-draws of scenes that hide an object,
+  at 480x320 (CLEVR's), 128x96 and 96x64 with 3-6 objects (quickstart-sized), and 128x96 with
+  --supersample 2;
+- `test_png`: encoding the RGBA images, generate.png_bytes against Pillow's default zlib level
+  (the baseline; extra_info gives the bytes per image of each);
+- `test_question_pools`: the 10-question pools of an image (scenes of 3-10 and of 3-6 objects);
+- `test_scalar_draws`: the draws the question samplers make (random() and a choice of one of 8),
+  with Python's random.Random as generate uses it and with numpy's Generator (the baseline).
 
-    python benchmarks/bench_generate.py [--images 60] [--reps 3] [--big 500]
+    pytest benchmarks/bench_generate.py --benchmark-json benchmarks/results/generate.json
+
+End to end (a script, timed by harness.time_interleaved): `generate.run` on every core, N
+images x 10 questions with files written, the sizes interleaved; images/s and questions/s
+as measured and the CPU time per image, which gives the rate on idle cores (a shared
+machine's wall times also count the time other jobs held the cores; the load average is
+recorded). Then the time for 10,000 images x ~10 questions at 480x320, extrapolated from
+one measured run of --big images (said so in the JSON).
+
+    python benchmarks/bench_generate.py [--images 60] [--reps 3] [--big 500] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import random
@@ -26,10 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import time_interleaved, write_results  # noqa: E402
+from harness import RESULTS, time_interleaved, write_results  # noqa: E402
 
 from fastfilm.config import GenerateConfig  # noqa: E402
 from fastfilm.data import generate  # noqa: E402
@@ -41,21 +54,76 @@ SIZES = {
     "96x64": dict(image_width=96, image_height=64, max_objects=6),
     "128x96_ss2": dict(image_width=128, image_height=96, max_objects=6, supersample=2),
 }
-BATCH = 8  # images per timed call of a stage (different scenes, so sizes of scenes average out)
+BATCH = 8  # images per round of a stage (different scenes, so sizes of scenes average out)
+DRAWS = 1000  # draws per round of test_scalar_draws
 
 
-def stage_candidates(cfgs: dict[str, GenerateConfig]) -> dict:
-    """name -> zero-argument function timing one stage on BATCH images."""
-    out = {}
-    for name, cfg in cfgs.items():
-        made = [generate.make_image(cfg, "train", i) for i in range(BATCH)]
-        out[f"{name} scene+render"] = lambda cfg=cfg: [generate.make_image(cfg, "train", i) for i in range(BATCH)]
-        out[f"{name} png"] = lambda made=made: [generate.png_bytes(img) for _, img in made]
-        if name in ("480x320", "128x96"):  # pools depend on the number of objects, not the image size
-            out[f"{name} questions"] = lambda made=made: [
-                question_pools(scene, list(FAMILIES), random.Random(i), 10) for i, (scene, _) in enumerate(made)]
-    return out
+def config(size: str, images: int = BATCH) -> GenerateConfig:
+    return GenerateConfig(out="", val_images=0, train_images=images, **SIZES[size])
 
+
+@pytest.fixture(scope="module")
+def made() -> dict:
+    """(scene, RGBA image) of BATCH images, per size, memoised."""
+    cache: dict[str, list] = {}
+
+    def get(size: str) -> list:
+        if size not in cache:
+            cache[size] = [generate.make_image(config(size), "train", i) for i in range(BATCH)]
+        return cache[size]
+
+    return get
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_scene_render(benchmark, throughput, quick, size):
+    cfg = config(size)
+    benchmark.group = "generate scene+render"
+    benchmark.pedantic(lambda: [generate.make_image(cfg, "train", i) for i in range(BATCH)],
+                       rounds=1 if quick else 5, warmup_rounds=0 if quick else 1)
+    throughput(BATCH, "images")
+
+
+def _pil_default(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("encoder", ["png_bytes", "pil_default"])
+def test_png(benchmark, throughput, quick, made, encoder):
+    images = [img for _, img in made("480x320")]
+    encode = generate.png_bytes if encoder == "png_bytes" else _pil_default
+    benchmark.group = "generate png 480x320"
+    benchmark.extra_info["bytes_per_image"] = sum(len(encode(img)) for img in images) / len(images)
+    benchmark.pedantic(lambda: [encode(img) for img in images], rounds=1 if quick else 5, warmup_rounds=0)
+    throughput(len(images), "images", baseline=encoder == "pil_default")
+
+
+@pytest.mark.parametrize("size", ["480x320", "128x96"])  # 3-10 and 3-6 objects: pools depend on the objects only
+def test_question_pools(benchmark, throughput, quick, made, size):
+    scenes = [scene for scene, _ in made(size)]
+    benchmark.group = "generate question pools"
+    benchmark.pedantic(lambda: [question_pools(scene, list(FAMILIES), random.Random(i), 10)
+                                for i, scene in enumerate(scenes)], rounds=1 if quick else 5, warmup_rounds=0)
+    throughput(len(scenes), "images")
+
+
+@pytest.mark.parametrize("rng", ["python_random", "numpy_generator"])
+def test_scalar_draws(benchmark, throughput, rng):
+    values = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
+    if rng == "python_random":
+        r = random.Random(0)
+        draw = lambda: (r.random(), r.choice(values))  # noqa: E731
+    else:
+        g = np.random.default_rng(0)
+        draw = lambda: (g.random(), values[g.integers(len(values))])  # noqa: E731
+    benchmark.group = "generate scalar draws"
+    benchmark(lambda: [draw() for _ in range(DRAWS)])
+    throughput(DRAWS, "draws", baseline=rng == "numpy_generator")
+
+
+# ------------------------------------------------------------------ end to end (script)
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (the pool's workers)."""
@@ -84,17 +152,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--big", type=int, default=500,
                         help="images of the run the 10k figure is extrapolated from (0: skip)")
+    parser.add_argument("--json", default=str(RESULTS / "generate_end_to_end.json"), help="results file")
     args = parser.parse_args()
     workers = os.cpu_count() or 1
-    cfgs = {name: GenerateConfig(out="", val_images=0, train_images=args.images, **kw) for name, kw in SIZES.items()}
-
-    stages = time_interleaved(stage_candidates(cfgs), warmup=1, reps=max(args.reps, 5))
-    per_image_ms = {name: 1000 * r["median_s"] / BATCH for name, r in stages.items()}
-    one_core = {}
-    for name in cfgs:
-        parts = [per_image_ms[f"{name} scene+render"], per_image_ms[f"{name} png"],
-                 per_image_ms[f"{'480x320' if name == '480x320' else '128x96'} questions"]]
-        one_core[name] = {"ms_per_image": sum(parts), "images_per_s": 1000 / sum(parts)}
+    cfgs = {name: config(name, args.images) for name in SIZES}
 
     runs: dict[str, list] = {name: [] for name in cfgs}
     candidates = {name: (lambda name=name: runs[name].append(end_to_end(cfgs[name]))) for name in cfgs}
@@ -108,9 +169,8 @@ def main() -> None:
                            "cpu_ms_per_image": cpu_ms, "images_per_s_if_cores_were_idle": workers * 1000 / cpu_ms,
                            "load_average_1min": [x["load_average_1min_after"] for x in runs[name]]}
 
-    payload = {"workers": workers, "questions_per_image": 10,
-               "per_image_ms_one_core": per_image_ms, "one_core": one_core,
-               "end_to_end_all_cores": all_cores, "stage_samples": stages, "end_to_end_samples": e2e}
+    payload = {"command": "python " + " ".join(sys.argv), "workers": workers, "questions_per_image": 10,
+               "end_to_end_all_cores": all_cores, "end_to_end_samples": e2e}
     if args.big:
         big = end_to_end(dataclasses.replace(cfgs["480x320"], train_images=args.big))
         minutes = 10_000 * big["seconds"] / big["images"] / 60
@@ -122,11 +182,9 @@ def main() -> None:
             "note": f"extrapolated linearly from one measured run of {big['images']} images at 480x320, "
                     f"{workers} workers, ~10 questions each; the idle-core figure divides its CPU time by the cores",
         }
-    path = write_results("generate", payload)
+    out = Path(args.json)
+    path = write_results(out.stem, payload, out.parent)
 
-    print(f"one core, ms per image ({BATCH} images per sample, median of {max(args.reps, 5)}):")
-    for name, ms in per_image_ms.items():
-        print(f"  {name:28s} {ms:8.2f}")
     print(f"all {workers} cores, end to end ({args.images} images x 10 questions, median of {args.reps}):")
     for name, r in all_cores.items():
         print(f"  {name:12s} {r['images_per_s']:7.1f} images/s {r['questions_per_s']:8.1f} questions/s "

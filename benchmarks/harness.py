@@ -1,9 +1,16 @@
-"""The one timing harness every fastfilm benchmark uses.
+"""What every fastfilm benchmark shares: the machine record, and the timing of end-to-end runs.
 
-Candidates are timed *interleaved* (A, B, C, A, B, C, ...) in one process so that the
-noise of a shared machine hits all of them alike; results are medians with the
-inter-quartile range, reported as ratios against a baseline measured in the same run,
-and written to benchmarks/results/NAME.json together with the machine and commit.
+`machine()` says what numbers were measured on (CPU model and ISA flags, device, versions,
+commit); every results file carries it: pytest-benchmark's JSON under
+machine_info["fastfilm"] (benchmarks/conftest.py), the end-to-end scripts' JSON under
+"machine" (`write_results`).
+
+End-to-end scripts (bench_train.py, bench_generate.py's script part) time their candidates
+*interleaved* (A, B, C, A, B, C, ...) in one process so that the noise of a shared machine
+hits all of them alike; results are medians with the inter-quartile range, reported as
+ratios against a baseline measured in the same run, and written to
+benchmarks/results/NAME.json. Microbenchmarks run under pytest-benchmark instead (see
+benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -20,26 +28,38 @@ from fastfilm.atomic import write_json
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# CPU features that decide which kernels a CPU runs (torch's bf16 paths need AVX-512 BF16 or
+# AMX; AVX2-only CPUs fall back to fp32), named as /proc/cpuinfo spells them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# Versions worth recording besides torch's (distribution names).
+PACKAGES = ("numpy", "pillow", "triton", "nvidia-dali-cuda120", "pytest-benchmark")
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
+    cpu_name, flags = _cpuinfo()
+    status = _git("status", "--porcelain", "--untracked-files=no")
     info = {
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name,
+        "cpu_flags": {f: f in flags for f in ISA_FLAGS} if flags else None,  # None: no /proc/cpuinfo
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "commit": _git("rev-parse", "--short", "HEAD"),
+        # Figures from a tree with uncommitted changes are not the commit's (None: no git).
+        "dirty": None if status == "unknown" else bool(status),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    for name in PACKAGES:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -48,14 +68,19 @@ def machine() -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, ISA flags) from /proc/cpuinfo; (platform.processor(), empty) elsewhere."""
+    name, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    return platform.processor()
+    return name or platform.processor(), flags
 
 
 def _git(*args: str) -> str:

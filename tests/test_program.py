@@ -1,9 +1,14 @@
-"""The CLEVR program executor on a hand-made scene: every function, every spelling, every error."""
+"""The CLEVR program executor on a hand-made scene: every function, every spelling, every error;
+and the one reading of a step (program.parse_step) as each of its users sees it."""
+import json
+
 import pytest
 
+from fastfilm.data import reader
 from fastfilm.data.program import FUNCTIONS, IllPosedError, ProgramError, evaluate, execute
 from fastfilm.data.scene import compute_relationships
-from fastfilm.data.types import type_of_program
+from fastfilm.data.types import QUESTION_TYPES, type_of_program
+from fastfilm.data.vocab import program_tokens
 from fastfilm.errors import UserError
 
 #  y (behind)
@@ -212,3 +217,61 @@ def test_malformed_step_shapes():
         execute([{"function": "scene", "inputs": "0"}], SCENE)
     with pytest.raises(ProgramError, match="scene lacks"):
         execute(prog(("scene",), ("filter_color", [0], ["red"]), ("count", [1])), {"objects": [{"shape": "cube"}]})
+
+
+# ------------------------------------------------------------ every user of parse_step
+
+# "How many things are left of the cube?" in each spelling parse_step accepts: CLEVR v1.0's,
+# older CLEVR tools' ("type", "side_inputs") and the FiLM code's inline values.
+SPELLINGS = {
+    "clevr_v1": [{"function": "scene", "inputs": [], "value_inputs": []},
+                 {"function": "filter_shape", "inputs": [0], "value_inputs": ["cube"]},
+                 {"function": "unique", "inputs": [1], "value_inputs": []},
+                 {"function": "relate", "inputs": [2], "value_inputs": ["left"]},
+                 {"function": "count", "inputs": [3], "value_inputs": []}],
+    "type_side_inputs": [{"type": "scene", "inputs": [], "side_inputs": []},
+                         {"type": "filter_shape", "inputs": [0], "side_inputs": ["cube"]},
+                         {"type": "unique", "inputs": [1], "side_inputs": []},
+                         {"type": "relate", "inputs": [2], "side_inputs": ["left"]},
+                         {"type": "count", "inputs": [3], "side_inputs": []}],
+    "film_inline": [{"function": "scene", "inputs": []}, {"function": "filter_shape[cube]", "inputs": [0]},
+                    {"function": "unique", "inputs": [1]}, {"function": "relate[left]", "inputs": [2]},
+                    {"function": "count", "inputs": [3]}],
+}
+TOKENS = ["scene", "filter_shape[cube]", "unique", "relate[left]", "count"]
+
+
+def read_one(root, program) -> reader.SplitQuestions:
+    """read_split of a train file holding one question with `program`."""
+    (root / "questions").mkdir(parents=True)
+    rec = {"question": "How many things are left of the cube?", "answer": "1", "image_index": 0, "program": program}
+    (root / "questions" / "CLEVR_train_questions.json").write_text(json.dumps({"questions": [rec]}))
+    return reader.read_split(root, "train")
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_each_spelling_reads_the_same_for_every_user(tmp_path, spelling):
+    program = SPELLINGS[spelling]
+    assert execute(program, SCENE) == "1"  # left of the cube (A): C
+    assert type_of_program(program) == "count"
+    assert program_tokens(program) == TOKENS
+    split = read_one(tmp_path, program)
+    assert split.types == [QUESTION_TYPES.index("count")]
+    assert split.program_tokens == set(TOKENS)
+
+
+@pytest.mark.parametrize("bad_step, match", [
+    ({"inputs": [0], "value_inputs": []}, "program step 1: missing 'function'"),
+    ("count", "program step 1: expected an object"),
+    ({"function": "count", "inputs": ["0"]}, r"program step 1 \(count\): 'inputs' must be a list"),
+    ({"function": "count", "inputs": [0], "value_inputs": "x"},
+     r"program step 1 \(count\): 'value_inputs' must be a list"),
+])
+def test_every_user_names_the_bad_step(tmp_path, bad_step, match):
+    program = [{"function": "scene", "inputs": []}, bad_step]
+    for user in (lambda p: execute(p, SCENE), type_of_program, program_tokens):
+        with pytest.raises(ProgramError, match=match):
+            user(program)
+    path = tmp_path / "questions" / "CLEVR_train_questions.json"
+    with pytest.raises(UserError, match=rf"{path}, record 0 \(line 1\): field 'program', {match}"):
+        read_one(tmp_path, program)

@@ -8,12 +8,14 @@ Both backends
 - stretch to a square with an antialiased bicubic filter, as the original code resized
   480x320 to 224x224;
 - scale 16-bit PNGs to 8 bits and apply JPEG EXIF orientation.
-Pixels agree to a mean absolute difference under 0.5 of 255 (measured <= 0.2; single edge
-pixels up to ~20): DALI's and Pillow's bicubic resamplers place and weight their taps
-slightly differently, and their JPEG IDCTs differ (tests/test_cache.py checks it).
+Pixels agree to a mean absolute difference under 0.5 of 255, the bound tests/test_cache.py
+checks (single edge pixels differ more): DALI's and Pillow's bicubic resamplers place and
+weight their taps slightly differently, and their JPEG IDCTs differ. Measured differences
+are in docs/data.md.
 
-Speed on CPU (benchmarks/bench_preprocess.py): DALI is faster than Pillow at 64 px but
-slower at 224 px, where its CPU cubic resize dominates; either way preprocessing runs once.
+Speed on CPU: which backend is faster depends on the output side, because DALI's CPU cubic
+resize grows costlier than Pillow's with it (benchmarks/bench_preprocess.py; figures in
+docs/data.md); either way preprocessing runs once.
 
 DALI: CPU operators on CPU machines (`device="cpu"`, device_id=None). `device="gpu"` builds a
 `mixed` decoder: JPEG is decoded with nvJPEG on the GPU, but PNG (all of CLEVR) is still

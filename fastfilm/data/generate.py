@@ -72,8 +72,8 @@ def _seeds(cfg: GenerateConfig, split: str, index: int, stream: int) -> np.rando
 
 
 def _py_rng(seq: np.random.SeedSequence) -> random.Random:
-    # Python's generator: the question samplers make many scalar draws, where it is ~10x
-    # cheaper per call than numpy's.
+    # Python's generator: the question samplers make many scalar draws, and one draw costs
+    # far less from random.Random than from numpy's Generator (figures: docs/data.md).
     return random.Random(int.from_bytes(seq.generate_state(4, np.uint32).tobytes(), "little"))
 
 
@@ -103,7 +103,9 @@ def make_image(cfg: GenerateConfig, split: str, index: int) -> tuple[dict, np.nd
 def png_bytes(image: np.ndarray) -> bytes:
     """PNG file contents of an RGBA image [H, W, 4] uint8."""
     buf = io.BytesIO()
-    # zlib level 1: about half the encoding time of the default 6 for ~1.4x the bytes.
+    # zlib level 1 rather than Pillow's default 6: encoding is a sizeable share of an
+    # image's cost, and level 1 encodes much faster for somewhat larger files (figures:
+    # docs/data.md).
     Image.fromarray(image, "RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 

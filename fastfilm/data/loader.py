@@ -10,8 +10,8 @@ resident reads the memory-mapped images into RAM once).
 group=k > 1 keeps up to k questions about the same image together: an epoch shuffles each
 image's questions, cuts them into chunks of at most k, shuffles the chunks and fills batches
 with them. A batch then carries each distinct image once (`images` [M, ...], M <= B) and
-`image_index` maps questions to those rows, so the model's stem, ~40% of a small
-model's compute, runs once per image instead of once per question.
+`image_index` maps questions to those rows, so the model's stem runs once per image
+instead of once per question (its share of a step's compute: docs/data.md).
 """
 from __future__ import annotations
 

@@ -159,7 +159,13 @@ FUNCTIONS: dict[str, tuple[int, int, object]] = {
 
 
 def parse_step(step: dict, i: int) -> tuple[str, list[int], list[str]]:
-    """(function, inputs, value_inputs) of step i in any accepted spelling."""
+    """(function, inputs, value_inputs) of step i in any accepted spelling.
+
+    The one reading of a step for the whole project (the executor, question types, program
+    tokens, the reader): a malformed step raises ProgramError naming step i. Written with
+    plain loops rather than any(...) generators: the reader calls it for every step of every
+    question of a split.
+    """
     if type(step) is not dict:
         raise ProgramError(f"program step {i}: expected an object with 'function', got {type(step).__name__}")
     fn = step.get("function") or step.get("type")
@@ -168,16 +174,20 @@ def parse_step(step: dict, i: int) -> tuple[str, list[int], list[str]]:
     values = step.get("value_inputs")
     if values is None:
         values = step.get("side_inputs", [])
-    if fn[-1:] == "]" and "[" in fn:  # FiLM-code style "filter_color[red]"
+    if fn.endswith("]") and "[" in fn:  # FiLM-code style "filter_color[red]"
         fn, inline = fn[:-1].split("[", 1)
         values = [inline]
     inputs = step.get("inputs", [])
-    if type(inputs) is not list or any(type(j) is not int for j in inputs):
+    if type(inputs) is not list:
         raise ProgramError(f"program step {i} ({fn}): 'inputs' must be a list of step indices")
+    for j in inputs:
+        if type(j) is not int:
+            raise ProgramError(f"program step {i} ({fn}): 'inputs' must be a list of step indices")
     if type(values) is not list:
         raise ProgramError(f"program step {i} ({fn}): 'value_inputs' must be a list")
-    if any(type(v) is not str for v in values):
-        values = [str(v) for v in values]
+    for v in values:
+        if type(v) is not str:  # CLEVR values are words; a number written as one is kept as text
+            return fn, inputs, [str(v) for v in values]
     return fn, inputs, values
 
 

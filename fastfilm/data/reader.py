@@ -15,7 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fastfilm.data.program import ProgramError
 from fastfilm.data.types import UNKNOWN, type_id, type_of_program
+from fastfilm.data.vocab import program_tokens
 from fastfilm.errors import UserError
 
 _CHUNK = 1 << 22  # characters read at a time
@@ -260,15 +262,10 @@ def _parse(rec, split: str, image_dir: _ImageDirs) -> tuple:
     program = rec.get("program") or []
     if not isinstance(program, list):
         raise ValueError("field 'program' must be a list of {function, inputs, value_inputs} objects")
-    step_tokens = []
-    # One pass checks the steps and makes their vocabulary tokens (`fn` or `fn[value]`, as
-    # vocab.program_tokens does): programs are most of a CLEVR record's bytes and work.
-    for step in program:
-        fn = step.get("function") or step.get("type") if isinstance(step, dict) else None
-        if not isinstance(fn, str):
-            raise ValueError("field 'program' must be a list of {function, inputs, value_inputs} objects")
-        values = step.get("value_inputs")
-        step_tokens.append(f"{fn}[{values[0]}]" if isinstance(values, list) and values else fn)
+    try:  # checks every step, in any spelling program.parse_step accepts
+        step_tokens = program_tokens(program)
+    except ProgramError as e:
+        raise ValueError(f"field 'program', {e}") from None
     filename = rec.get("image_filename")
     if filename is None:
         idx = rec.get("image_index")

@@ -213,8 +213,3 @@ def sample_scene(rng: np.random.Generator, num_objects: int, width: int, height:
     scene = {"objects": objects, "relationships": compute_relationships(objects, directions),
              "directions": directions}
     return SceneSample(scene, camera, lights)
-
-
-def object_extent(obj: dict) -> float:
-    """Half-size of an object: radius of spheres/cylinders, half-side of cubes (= z of its center)."""
-    return float(obj["3d_coords"][2])

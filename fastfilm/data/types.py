@@ -1,6 +1,8 @@
 """The five question types the paper reports, keyed on a program's last function."""
 from __future__ import annotations
 
+from fastfilm.data.program import parse_step
+
 QUESTION_TYPES: tuple[str, ...] = ("exist", "count", "compare_integer", "query_attribute", "compare_attribute")
 UNKNOWN = -1  # type id of a question whose type cannot be known (no program, unseen family)
 
@@ -30,12 +32,12 @@ _LAST_FUNCTION_TO_TYPE = {
 
 
 def type_of_program(program: list[dict]) -> str | None:
-    """Question type from a CLEVR program (list of {function|type, inputs, value_inputs}), or None."""
+    """Question type from a CLEVR program (steps in any spelling program.parse_step accepts),
+    or None when the program is empty or ends in a function no type is known for.
+    Raises ProgramError (naming the step) when the last step is malformed."""
     if not program:
         return None
-    last = program[-1]
-    # CLEVR v1.0 names the step's function "function"; some tools write "type".
-    fn = last.get("function", last.get("type"))
+    fn, _, _ = parse_step(program[-1], len(program) - 1)
     return _LAST_FUNCTION_TO_TYPE.get(fn)
 
 

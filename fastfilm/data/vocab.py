@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastfilm.atomic import write_json
+from fastfilm.data.program import parse_step
 from fastfilm.errors import UserError
 
 NULL, START, END, UNK = "<NULL>", "<START>", "<END>", "<UNK>"
@@ -40,12 +41,15 @@ def tokenize(text: str, lowercase: bool = True) -> list[str]:
 
 
 def program_tokens(program: Iterable[dict]) -> list[str]:
-    """Tokens of a CLEVR program, as the original writes them: `function` or `function[value]`."""
+    """Tokens of a CLEVR program, as the original writes them: `function` or `function[value]`.
+
+    Steps may be spelled any way program.parse_step accepts; a malformed one raises
+    ProgramError naming the step.
+    """
     out = []
-    for step in program:
-        fn = step.get("function", step.get("type"))
-        values = step.get("value_inputs") or []
-        out.append(f"{fn}[{values[0]}]" if values else str(fn))
+    for i, step in enumerate(program):
+        fn, _, values = parse_step(step, i)
+        out.append(f"{fn}[{values[0]}]" if values else fn)
     return out
 
 
