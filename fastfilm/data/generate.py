@@ -42,6 +42,12 @@ def _check(cfg: GenerateConfig) -> list[Family]:
     """Validate the config (UserError naming the flag) and return the kept families."""
     if not cfg.out:
         raise UserError("OUT: an output directory is required")
+    out = Path(cfg.out)
+    for p in (out, *out.parents):  # the first that exists must be a directory
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"OUT {out}: {p} is a file, not a directory")
+            break
     for name in ("train_images", "val_images", "test_images", "questions_per_image", "seed", "workers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(cfg, name)}")
