@@ -285,6 +285,28 @@ def test_read_only_dataset_uses_a_per_user_cache(data, tmp_path, monkeypatch, ca
     assert read_meta(tmp_path / "mine") is not None and "not writable" not in capsys.readouterr().err
 
 
+READ_ONLY_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" || exit 77; exec "$2" -c "$3" "$1"'
+PREPROCESS = ("import sys; from fastfilm.cli import main; sys.exit(main(['preprocess', sys.argv[1], '--image-size', "
+              "'16', '--decoder', 'pillow', '--workers', '1']))")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a read-only bind mount needs root")
+def test_read_only_mount_uses_a_per_user_cache(data, tmp_path):
+    # The kernel's own refusal (EROFS), in a private mount namespace: what root meets on a
+    # dataset mounted read-only, where permission bits would not stop it.
+    sources = checksums(data, skip=None)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    r = subprocess.run(["unshare", "-m", "sh", "-c", READ_ONLY_MOUNT, "sh", str(data), sys.executable, PREPROCESS],
+                       capture_output=True, text=True, env=env, timeout=120)
+    if r.returncode == 77:
+        pytest.skip(f"no mount namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    (fallback,) = (tmp_path / "xdg" / "fastfilm").glob(f"CLEVR-*/{S}")
+    assert f"not writable; using the per-user cache {fallback}" in r.stderr
+    assert len(load_split(fallback, "train")) == 48 and not (data / CACHE).exists()
+    assert checksums(data, skip=None) == sources
+
+
 def test_fresh_cache_in_read_only_dataset_is_used(data, tmp_path, monkeypatch, capsys, restore_permissions):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert preprocess(data) == 0  # built by someone who could write there

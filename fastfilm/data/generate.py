@@ -168,8 +168,11 @@ def run(cfg: GenerateConfig) -> int:
     out = Path(cfg.out)
     workers = cfg.workers or os.cpu_count() or 1
     counts = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
-    for sub in ("images", "scenes", "questions"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in ("images", "scenes", "questions"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only or not ours: said before any image is rendered
+        raise UserError(f"OUT {out}: cannot create {e.filename} ({e.strerror})") from None
     for split, n in counts.items():
         if n == 0:
             continue

@@ -207,7 +207,8 @@ def _bad(path: Path, index: int, line: int, what: str) -> str:
     return f"{path}, record {index} (line {line}): {what}"
 
 
-def read_split(root: str | Path, split: str, *, skip_bad: bool = False, require_answers: bool = False) -> SplitQuestions:
+def read_split(root: str | Path, split: str, *, skip_bad: bool = False,
+               require_answers: bool = False) -> SplitQuestions:
     """Stream one split's question file. A malformed record (or, with `require_answers`, one
     without an answer) raises UserError naming the file, record index and field, or with
     `skip_bad` is skipped and listed in `.skipped`.
