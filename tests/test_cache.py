@@ -302,3 +302,17 @@ def test_dali_mixed_gpu_matches_cpu(clevr):
     decode_images(paths, 32, cpu, backend="dali", device="cpu")
     # nvJPEG (GPU) and libjpeg-turbo differ slightly on the JPEG; PNGs decode on the CPU either way.
     assert np.abs(gpu.astype(int) - cpu).mean() < MEAN_ABS_BOUND
+
+
+def test_image_stats_recorded_and_older_caches(clevr, capsys):
+    path = prepare(clevr["root"], S, splits=("train",), decoder="pillow")
+    stats = np.load(path / "train" / "image_stats.npy")
+    files = load_split(path, "train").image_files
+    for (size, mtime_ns), f in zip(stats, files, strict=True):
+        st = (clevr["root"] / "images" / f).stat()
+        assert (size, mtime_ns) == (st.st_size, st.st_mtime_ns)
+    (path / "train" / "image_stats.npy").unlink()  # as a cache from before image stats were recorded
+    assert prepare(path, S) == path  # given as DATA it cannot be checked: served as it is
+    assert prepare(clevr["root"], S, splits=("train",), decoder="pillow") == path
+    assert "no record of its image files" in capsys.readouterr().err  # raw DATA: rebuilt, now with stats
+    assert (path / "train" / "image_stats.npy").exists()

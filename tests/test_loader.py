@@ -106,7 +106,20 @@ def test_buckets_pad_to_smallest_fitting_length():
     assert widths <= {4, 8, 16} and 16 in widths  # row 0 has 12 tokens: padded past the split's 12
     short = Loader(split, 4, shuffle=True, buckets=(5,))  # no bucket fits 12: the split's length is added
     assert {b.questions.shape[1] for b in short.epoch(0)} <= {5, 12}
-    assert {b.questions.shape[1] for b in Loader(split, 4, shuffle=True).epoch(0)} == {12}
+
+
+def test_unbucketed_batches_padded_to_their_own_longest_question():
+    split = synthetic(max_len=6)  # and one outlier of 40 tokens, row 17
+    wide = np.zeros((len(split), 40), np.int64)
+    wide[:, :6] = split.questions
+    wide[17] = [1, *range(4, 42), 2]
+    split.questions, split.lengths[17] = wide, 40
+    widths = {}
+    for b in Loader(split, 8, shuffle=True).epoch(0):
+        check_batch(b, split)
+        assert b.questions.shape[1] == int(b.lengths.max())
+        widths[17 in b.index.tolist()] = max(widths.get(17 in b.index.tolist(), 0), b.questions.shape[1])
+    assert widths == {True: 40, False: 6}  # only the outlier's batch is 40 wide
 
 
 @pytest.mark.parametrize("q, world, batch_size", [(103, 4, 8), (103, 2, 10), (9, 4, 2), (100, 4, 5), (9, 8, 2)])

@@ -6,13 +6,22 @@ Layout of a cache directory:
     <split>/images.npy    [I, S, S, 3] uint8, one row per distinct image of the split
     <split>/{questions,lengths,answers,image_index,types,families}.npy
     <split>/images.json   the image file of each row, relative to DATA/images
+    <split>/image_stats.npy  [I, 2] int64 (size, mtime_ns) of each image file when it was
+                          read, (-1, -1) for one that did not exist (skipped with --skip-bad)
 A cache is built in a sibling temp directory and renamed into place when complete, so a
 killed or failed build never leaves a directory with a meta.json that is not whole.
+
+A cache is stale when a source it was built from now exists with other contents: a question
+file or an image whose size or mtime changed, or an image skipped as missing that appeared.
+Sources deleted since the build do not make it stale (the cache holds their pixels; raw
+images may be removed to save space). Raw DATA gets a stale cache rebuilt; a built cache
+given as DATA is refused when stale, since its source may be someone else's to preprocess.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +43,11 @@ FORMAT = "fastfilm-cache"
 VERSION = 1
 META = "meta.json"
 _ARRAYS = ("questions", "lengths", "answers", "image_index", "types", "families")
+_STATS = "image_stats.npy"
+# Questions longer than this many times the split's 99th-percentile length are reported at
+# preprocessing: each costs its batch that many GRU steps (the eager path pads a batch only
+# to its own longest question, but a compiled model pads to a length bucket).
+LONG_QUESTION_FACTOR = 4
 
 
 @dataclass
@@ -101,18 +115,97 @@ def load_split(cache_dir: str | Path, split: str) -> SplitData:
     return SplitData(**arrays, name=split, image_files=files)
 
 
-# ------------------------------------------------------------------ building
+# ------------------------------------------------------------------ where a cache lives
 
 def default_cache_dir(data: str | Path, image_size: int) -> Path:
     return Path(data) / ".fastfilm_cache" / str(image_size)
 
+
+def user_cache_dir(data: str | Path, image_size: int) -> Path:
+    """The per-user cache of DATA, for a dataset directory this user cannot write:
+    $XDG_CACHE_HOME/fastfilm/<DATA's name>-<hash of its absolute path>/<size> (~/.cache by default)."""
+    data = Path(data).resolve()
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"  # XDG: a relative value is ignored
+    return root / "fastfilm" / f"{data.name}-{hashlib.sha256(str(data).encode()).hexdigest()[:16]}" / str(image_size)
+
+
+def _writable(directory: Path) -> bool:
+    """Whether a cache can be built in `directory` (created with its parents if need be)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _refuse_file(target: Path) -> None:
+    """--cache DIR: refused before any work when it, or a directory it would go in, is a file."""
+    for p in (target, *target.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"--cache {target}: {p} is a file, not a directory")
+            return
+
+
+# ------------------------------------------------------------------ is a cache stale?
 
 def _file_stat(data: Path, path: Path) -> dict:
     st = path.stat()
     return {"file": str(path.relative_to(data)), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _mismatch(meta: dict, data: Path, image_size: int, sources: dict, vocab: Vocab | None,
+def image_stats(data: Path, files: list[str]) -> np.ndarray:
+    """[I, 2] int64 (size, mtime_ns) of DATA/images/<file> for each file, (-1, -1) where none can be stat'ed."""
+    out = np.full((len(files), 2), -1, dtype=np.int64)
+    images = str(data / "images")  # joined as strings: a Path per file costs more than its stat
+    for i, f in enumerate(files):
+        try:
+            st = os.stat(f"{images}/{f}")
+        except OSError:
+            continue
+        out[i] = st.st_size, st.st_mtime_ns
+    return out
+
+
+def _changed_images(cache_dir: Path, data: Path, splits, unrecorded: str | None) -> str | None:
+    """The first image of `splits` that exists now with another size or mtime than at the
+    build (or appeared), else None; `unrecorded` is the answer for a split with no record."""
+    for split in splits:
+        try:
+            recorded = np.load(cache_dir / split / _STATS)
+            files = json.loads((cache_dir / split / "images.json").read_text())
+        except (OSError, ValueError):
+            if unrecorded:
+                return unrecorded.format(split=split)
+            continue
+        if recorded.shape != (len(files), 2):
+            return f"{cache_dir / split / _STATS} does not match images.json"
+        now = image_stats(data, files)
+        changed = np.flatnonzero((now[:, 0] >= 0) & (now != recorded).any(axis=1))
+        if len(changed):
+            i = int(changed[0])
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            return (f"image {data / 'images' / files[i]} {'appeared' if recorded[i, 0] < 0 else 'changed'} "
+                    f"since it was built{more}")
+    return None
+
+
+def _changed_questions(meta: dict, splits) -> str | None:
+    """A question file of `splits` that exists now with another size or mtime than at the build."""
+    for split in splits:
+        src = meta["splits"][split]["source"]
+        path = Path(meta["source"]) / src["file"]
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) != (src["size"], src["mtime_ns"]):
+            return f"{path} changed since it was built"
+    return None
+
+
+def _mismatch(meta: dict, cache_dir: Path, data: Path, image_size: int, sources: dict, vocab: Vocab | None,
               explicit: bool) -> str | None:
     """Why an existing cache does not serve this request (None: it does)."""
     if explicit and meta["source"] != str(data):
@@ -126,8 +219,29 @@ def _mismatch(meta: dict, data: Path, image_size: int, sources: dict, vocab: Voc
             return f"split {split!r} is {'new' if have is None else 'changed on disk'}"
     if vocab is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:
         return "a different vocabulary was given"
-    return None
+    # Last, as the dearest check: a stat per image file.
+    return _changed_images(cache_dir, data, sources,
+                           unrecorded="split {split!r} has no record of its image files (an older fastfilm built it)")
 
+
+def _check_built(cache_dir: Path, meta: dict, image_size: int, vocab: Vocab | None, vocab_file, splits) -> None:
+    """A built cache given as DATA: refused when it does not serve the request or is stale."""
+    source = meta["source"]
+    if meta["image_size"] != image_size:
+        raise UserError(f"{cache_dir}: cache of {meta['image_size']}px images, {image_size}px wanted; run "
+                        f"`fastfilm preprocess {source} --image-size {image_size}`")
+    if vocab is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:
+        raise UserError(f"{cache_dir}: cache built with another vocabulary than {vocab_file}; preprocess "
+                        f"{source} with --vocab {vocab_file}")
+    splits = [s for s in splits if s in meta["splits"]]
+    # Caches from before image stats were recorded cannot be checked: they are served as they are.
+    why = _changed_questions(meta, splits) or _changed_images(cache_dir, Path(source), splits, unrecorded=None)
+    if why:
+        raise UserError(f"{cache_dir}: stale cache: {why}; rebuild it with `fastfilm preprocess {source} --cache "
+                        f"{cache_dir} --image-size {image_size}{' --skip-bad' if meta.get('skip_bad') else ''}`")
+
+
+# ------------------------------------------------------------------ building
 
 def prepare(data: str | Path, image_size: int, *, cache: str | Path | None = None,
             splits: tuple[str, ...] | list[str] = ("train", "val"), vocab: str | Path | None = None,
@@ -135,38 +249,60 @@ def prepare(data: str | Path, image_size: int, *, cache: str | Path | None = Non
             force: bool = False) -> Path:
     """Cache directory for DATA (a raw CLEVR-layout dir or a built cache), built if needed.
 
-    Raw DATA: the cache lives in DATA/.fastfilm_cache/<size> unless `cache` is given; it is
-    reused when its image size, question files (size and mtime) and vocabulary match, and
-    rebuilt otherwise. An explicit `cache` built from another DATA is refused. Splits not
-    present in DATA are left out. A built cache is returned after checking size and vocab.
+    Raw DATA: the cache lives in DATA/.fastfilm_cache/<size> unless `cache` is given, or in
+    the per-user cache directory when DATA cannot be written (said in one line). It is
+    reused when its image size, vocabulary and sources match (question files and images by
+    size and mtime, see the module docstring) and rebuilt otherwise, keeping the vocabulary
+    and --skip-bad it was built with unless `force`. An explicit `cache` built from another
+    DATA is refused. Splits not present in DATA are left out. A built cache is returned
+    after checking its size, vocabulary and sources.
     """
     data = Path(data).resolve()
     if not data.is_dir():
         raise UserError(f"{data}: no such directory")
+    target = Path(cache).resolve() if cache else None
+    if target is not None:
+        _refuse_file(target)
     given_vocab = Vocab.load(vocab) if vocab else None
     meta = read_meta(data)
     if meta is not None:
-        if meta["image_size"] != image_size:
-            raise UserError(f"{data}: cache of {meta['image_size']}px images, {image_size}px wanted; run "
-                            f"`fastfilm preprocess {meta['source']} --image-size {image_size}`")
-        if given_vocab is not None and given_vocab.fingerprint() != meta["vocab_fingerprint"]:
-            raise UserError(f"{data}: cache built with another vocabulary than {vocab}; preprocess "
-                            f"{meta['source']} with --vocab {vocab}")
+        _check_built(data, meta, image_size, given_vocab, vocab, splits)
         return data
     present = [s for s in dict.fromkeys(splits) if reader.question_file(data, s) is not None]
     if not present:
         raise UserError(f"{data}: none of the splits {', '.join(splits)} has a question file "
                         f"(found splits: {', '.join(reader.list_splits(data)) or 'none'})")
-    target = Path(cache).resolve() if cache else default_cache_dir(data, image_size)
     sources = {s: _file_stat(data, reader.question_file(data, s)) for s in present}
-    target.parent.mkdir(parents=True, exist_ok=True)
+    explicit = target is not None
+    target = target or default_cache_dir(data, image_size)
+    if not _writable(target.parent):
+        # A cache someone else built there still serves when it is complete and fresh.
+        old = read_meta(target)
+        if old is not None and not force and _mismatch(old, target, data, image_size, sources, given_vocab,
+                                                       explicit) is None:
+            return target
+        if explicit:
+            raise UserError(f"--cache {target}: cannot write in {target.parent}")
+        fallback = user_cache_dir(data, image_size)
+        if not _writable(fallback.parent):
+            raise UserError(f"{data}: not writable, nor is {fallback.parent}; give a cache directory with "
+                            f"`fastfilm preprocess {data} --cache DIR` and train on DIR")
+        print(f"fastfilm: {target.parent} is not writable; using the per-user cache {fallback} "
+              f"(`fastfilm preprocess {data} --cache DIR` puts it elsewhere)", file=sys.stderr)
+        target = fallback
     with _lock(target):
         old = read_meta(target)
         if old is not None and not force:
-            reason = _mismatch(old, data, image_size, sources, given_vocab, explicit=cache is not None)
+            reason = _mismatch(old, target, data, image_size, sources, given_vocab, explicit)
             if reason is None:
                 return target
-            print(f"fastfilm: rebuilding cache {target}: {reason}", file=sys.stderr)
+            kept = []
+            if given_vocab is None and old.get("vocab_source") == "given":
+                given_vocab, kept = load_vocab(target), ["its given vocabulary"]
+            if old.get("skip_bad") and not skip_bad:
+                skip_bad, kept = True, [*kept, "--skip-bad"]
+            print(f"fastfilm: rebuilding cache {target}: {reason}"
+                  + (f" (keeping {' and '.join(kept)})" if kept else ""), file=sys.stderr)
             # Keep the splits the old cache had, so that train and eval asking for different
             # splits do not rebuild it in turn.
             for s in old["splits"]:
@@ -220,16 +356,23 @@ def _train_split(data: Path, present: list[str]) -> str:
     raise UserError(f"{data}: no train split to build the vocabulary from; pass --vocab vocab.json")
 
 
+def _needs_answers(split: str) -> bool:
+    """Training splits need an answer for every question; val and test may have none (CLEVR's
+    test split has no answers, and a val split without them is still evaluated on the rest)."""
+    return split.startswith("train") or bool(reader.split_pattern("train").search(split))
+
+
 def _build(data: Path, target: Path, image_size: int, present: list[str], sources: dict,
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
     backend = resolve_backend(decoder)
-    questions = {s: reader.read_split(data, s, skip_bad=skip_bad) for s in present}
+    questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
+                 for s in present}
     vocab_source = "given"
     if vocab is None:
         train = _train_split(data, present)
         if train not in questions:
-            questions_train = reader.read_split(data, train, skip_bad=skip_bad)
+            questions_train = reader.read_split(data, train, skip_bad=skip_bad, require_answers=True)
         else:
             questions_train = questions[train]
         vocab = Vocab.from_tokens((w for t in questions_train.text for w in tokenize(t)),
@@ -251,7 +394,7 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
             splits_meta[name] = {**info, "source": sources[name], "types_from_family": filled}
         meta = {"format": FORMAT, "version": VERSION, "source": str(data), "cache": str(target),
                 "image_size": image_size, "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
-                "decoder": backend, "built_s": round(time.time() - t0, 2),
+                "skip_bad": skip_bad, "decoder": backend, "built_s": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits_meta}
         write_json(tmp / META, meta)  # last: only now is the directory a cache
         _swap_into_place(tmp, target)
@@ -266,6 +409,8 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
     rows: dict[str, int] = {}
     image_index = np.array([rows.setdefault(f, len(rows)) for f in q.image_files], dtype=np.int64)
     files = list(rows)
+    # Stat'ed before decoding: an image rewritten while the build runs is seen as changed.
+    np.save(out / _STATS, image_stats(data, files))
     images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(files), size, size, 3))
     bad = decode_images([data / "images" / f for f in files], size, images, backend=backend, device=device,
@@ -282,6 +427,7 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
     tokens = np.zeros((len(encoded), int(lengths.max())), dtype=np.int64)
     for i, e in enumerate(encoded):
         tokens[i, :len(e)] = e
+    long = _warn_long_questions(q, lengths, np.array(q.records, dtype=np.int64)[keep])
     answers = np.array([-1 if a is None else vocab.answer_to_idx(a) for a in q.answers], dtype=np.int64)[keep]
     unk_answer = vocab.answer_token_to_idx.get(UNK, -1)
     arrays = {"questions": tokens, "lengths": lengths, "answers": answers, "image_index": image_index[keep],
@@ -294,7 +440,23 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
             "skipped_questions": int((~keep).sum()),
             "unknown_words": int((tokens == SPECIAL_TOKENS[UNK]).sum()),
             "unknown_answers": int(((answers == unk_answer) & (answers >= 0)).sum()),
+            "long_questions": long,
             "skipped": (q.skipped + [f"{data / 'images' / files[i]}: {r}" for i, r in bad])[:100]}
+
+
+def _warn_long_questions(q: reader.SplitQuestions, lengths: np.ndarray, records: np.ndarray) -> int:
+    """Say in one line how many questions are over LONG_QUESTION_FACTOR x the 99th-percentile
+    length (lengths, records: [Q] int64, tokens and record index in q.file); returns the count."""
+    # "lower": an actual length, so that in a small split one outlier does not raise its own bar.
+    p99 = int(np.percentile(lengths, 99, method="lower"))
+    long = np.flatnonzero(lengths > LONG_QUESTION_FACTOR * p99)
+    if len(long):
+        worst = long[np.argmax(lengths[long])]
+        print(f"fastfilm: warning: {q.file}: {len(long)} question{'s' if len(long) > 1 else ''} "
+              f"over {LONG_QUESTION_FACTOR}x the 99th-percentile length of {p99} tokens; the longest, "
+              f"record {records[worst]}, has {lengths[worst]} tokens (each slows the batch it is in)",
+              file=sys.stderr)
+    return len(long)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -42,6 +42,12 @@ def _check(cfg: GenerateConfig) -> list[Family]:
     """Validate the config (UserError naming the flag) and return the kept families."""
     if not cfg.out:
         raise UserError("OUT: an output directory is required")
+    out = Path(cfg.out)
+    for p in (out, *out.parents):  # the first that exists must be a directory
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"OUT {out}: {p} is a file, not a directory")
+            break
     for name in ("train_images", "val_images", "test_images", "questions_per_image", "seed", "workers"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(cfg, name)}")
@@ -164,8 +170,11 @@ def run(cfg: GenerateConfig) -> int:
     out = Path(cfg.out)
     workers = cfg.workers or os.cpu_count() or 1
     counts = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
-    for sub in ("images", "scenes", "questions"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in ("images", "scenes", "questions"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only or not ours: said before any image is rendered
+        raise UserError(f"OUT {out}: cannot create {e.filename} ({e.strerror})") from None
     for split, n in counts.items():
         if n == 0:
             continue

@@ -68,7 +68,8 @@ class Loader:
 
     buckets: lengths the question tensor may have (static shapes for torch.compile); a batch
     is padded to the smallest bucket >= its longest question. The split's longest question
-    length is added as a last bucket if every bucket is shorter. None: always the split's length.
+    length is added as a last bucket if every bucket is shorter. None (eager): each batch is
+    cut to its own longest question, so one very long question slows only its own batch.
     """
 
     def __init__(self, split: SplitData, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False,
@@ -178,9 +179,9 @@ class Loader:
         """Host batch for question rows [B]; images stay on the device when resident."""
         idx = torch.from_numpy(rows)
         lengths = self.lengths[idx]
-        width = self.questions.shape[1]
+        width = int(lengths.max())
         if self.buckets is not None:
-            width = int(self.buckets[np.searchsorted(self.buckets, int(lengths.max()))])
+            width = int(self.buckets[np.searchsorted(self.buckets, width)])
         q = self.questions[idx, : min(width, self.questions.shape[1])]
         if q.shape[1] < width:  # a bucket longer than every question of the split
             q = torch.nn.functional.pad(q, (0, width - q.shape[1]))

@@ -209,9 +209,11 @@ def _bad(path: Path, index: int, line: int, what: str) -> str:
     return f"{path}, record {index} (line {line}): {what}"
 
 
-def read_split(root: str | Path, split: str, *, skip_bad: bool = False) -> SplitQuestions:
-    """Stream one split's question file. A malformed record raises UserError naming the file,
-    record index and field, or with `skip_bad` is skipped and listed in `.skipped`.
+def read_split(root: str | Path, split: str, *, skip_bad: bool = False,
+               require_answers: bool = False) -> SplitQuestions:
+    """Stream one split's question file. A malformed record (or, with `require_answers`, one
+    without an answer) raises UserError naming the file, record index and field, or with
+    `skip_bad` is skipped and listed in `.skipped`.
     JSON that is not parseable at all always raises: no record boundary can be trusted after it."""
     root = Path(root)
     path = question_file(root, split)
@@ -225,6 +227,8 @@ def read_split(root: str | Path, split: str, *, skip_bad: bool = False) -> Split
     for index, line, rec in records:
         try:
             row = _parse(rec, split, image_dir)
+            if require_answers and not (row[1] or "").strip():
+                raise ValueError(f"field 'answer' missing or blank (every question of split {split!r} needs one)")
         except ValueError as e:
             msg = _bad(path, index, line, str(e))
             if not skip_bad:
