@@ -49,7 +49,7 @@ class GenerateConfig:
                          "(CLEVR: 200); scenes with a more hidden object are re-drawn")
     zoom: float = _f(1.0, "camera zoom (1: CLEVR's view); >1 shows a smaller table closer up, so objects are "
                      "larger in small images (the quickstart uses it)")
-    supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering ~3x slower)")
+    supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering time grows with the rays)")
 
 
 @dataclass

@@ -148,7 +148,10 @@ class Trainer:
             self.vocab.save(self.run_dir / "vocab.json")
         self.train_split, self.val_split = load_split(cache, "train"), load_split(cache, "val")
         if (self.train_split.answers < 0).any():
-            raise UserError(f"{cfg.data}: the train split has questions without answers")
+            # preprocess refuses (or with --skip-bad drops) such questions, naming file and record:
+            # only a cache built by an older fastfilm can hold them.
+            raise UserError(f"{cache}: the cached train split has questions without answers; rebuild it with "
+                            f"`fastfilm preprocess {cfg.data} --force`, which names the records")
 
     def _build(self) -> None:
         cfg, dctx = self.cfg, self.dctx
