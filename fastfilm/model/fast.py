@@ -25,7 +25,7 @@ from torch import Tensor
 from fastfilm.config import ModelConfig
 from fastfilm.model.reference import (Classifier, FiLMGenerator, ResBlock, Stem, coord_map, parse_film_blocks,
                                       per_question)
-from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual, film_relu_residual
 
 # ---------------------------------------------------------------- GRU recurrence op
 
@@ -278,7 +278,9 @@ class FusedResBlock(nn.Module):
                                      momentum=bn.momentum, eps=bn.eps)
 
     def _unfused_tail(self, y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-        return x + F.relu(gamma[:, :, None, None] * self.bn(y) + beta[:, :, None, None])
+        # The bn module itself, not F.batch_norm: with --sync-bn it is a GlobalBatchNorm
+        # (the reason this path exists there), and it counts num_batches_tracked.
+        return film_relu_residual(self.bn(y), x, gamma, beta)
 
     def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
         """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
