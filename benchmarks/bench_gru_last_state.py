@@ -98,7 +98,7 @@ def forward(candidate: str, gru: torch.nn.GRU, x: torch.Tensor, lengths: torch.T
 def test_gru_last_state(benchmark, problem, candidate, mode):
     size, gru, x, lengths = problem
     if candidate == "op_dense" and size == "paper" and ON_CPU:
-        pytest.skip("dense at the paper's size on the CPU: tens of seconds a round, and not the CPU default")
+        pytest.skip("dense at the paper's size on the CPU: seconds a round, and not the CPU default")
     if mode == "fwd":
         def call():
             with torch.no_grad():

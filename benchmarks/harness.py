@@ -146,8 +146,10 @@ def synced_clock() -> float:
 
 
 def add_machine(machine_info: dict) -> None:
-    """pytest_benchmark_update_machine_info: fastfilm's record of the machine and commit."""
-    machine_info["fastfilm"] = machine()
+    """pytest_benchmark_update_machine_info: fastfilm's record of the machine and commit.
+    Without "threads": it is read before a benchmark's fixtures set their own, so each
+    benchmark records its thread count in extra_info instead."""
+    machine_info["fastfilm"] = {k: v for k, v in machine().items() if k != "threads"}
 
 
 def add_speedups(output_json: dict) -> None:
