@@ -66,7 +66,7 @@ def _cpu_name() -> str:
 
 def cpu_features() -> list[str]:
     """The CPU's vector and matrix extensions that decide fp32/bf16 speed, e.g. AVX2 only
-    (AMD EPYC here) or AVX-512 + AVX-512 BF16 + AMX (Intel Xeon Sapphire Rapids and later)."""
+    (the AMD EPYC of earlier results) or AVX-512 + AVX-512 BF16 + AMX (Intel Xeon, Sapphire Rapids on)."""
     try:
         flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("flags")), [])
