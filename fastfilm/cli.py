@@ -12,6 +12,7 @@ import sys
 import typing
 
 from fastfilm import config as C
+from fastfilm.analysis import config as A
 from fastfilm.errors import UserError
 
 COMMANDS: dict[str, tuple[type, str, str]] = {
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "answer": (C.AnswerConfig, "fastfilm.inference:run", "answer a question about one image"),
     "quickstart": (C.QuickstartConfig, "fastfilm.quickstart:run",
                    "generate a small dataset, train FiLM and the Table 1 baselines, print the per-type table"),
+    "analyze": (A.AnalyzeConfig, "fastfilm.commands.analyze:run", "gamma/beta histograms, embedding, ablations"),
+    "plot": (A.PlotConfig, "fastfilm.commands.plot:run", "learning curves of one or more runs, overlaid, as a PNG"),
 }
 # `train` also takes every ModelConfig field; its defaults come from --preset.
 MODEL_FLAGS_FOR = ("train",)
@@ -40,7 +43,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, defau
         typ = _type_of(f, hints)
         help_text = f.metadata.get("help", "")
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=typ, help=help_text)
+            parser.add_argument(f.name, type=f.metadata.get("type", typ), help=help_text,
+                                nargs=f.metadata.get("nargs"))
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if defaults_from_preset else f.default

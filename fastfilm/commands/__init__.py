@@ -1,0 +1,1 @@
+"""Subcommands: one module per command with `run(cfg) -> int`; fastfilm/cli.py derives the parser."""
