@@ -183,7 +183,8 @@ def test_analyze_writes_every_number_and_figure(analyzed, film_run, generated_cl
     assert emb["questions"] == list(range(q)) and emb["method"] in ("pca", "tsne")
     assert np.array(emb["coords"]).shape == (2, q, 2) and len(emb["types"]) == len(emb["families"]) == q
     # The 'none' row is `fastfilm eval`'s accuracy (eval without compile: analyze runs eagerly).
-    report = _eval(film_run, generated_clevr, capsys, *FLAGS[model], *([] if model == "reference" else ["--no-compile"]))
+    eager = [] if model == "reference" else ["--no-compile"]
+    report = _eval(film_run, generated_clevr, capsys, *FLAGS[model], *eager)
     none = result["ablations"]["none"]
     assert none["accuracy"] == report["accuracy"] and none["per_type"] == report["per_type"]
     assert set(result["ablations"]) == {"none", "beta=0", "gamma=1", "beta=mean", "gamma=mean", "gamma,beta=mean",
@@ -227,8 +228,9 @@ def test_data_without_programs(film_run, generated_clevr, tmp_path):
     assert "accuracy_by_length.png" in result["figures"]
 
 
-def test_max_questions_and_embedding_sample(film_run, generated_clevr, tmp_path):
-    result = _analyze(film_run, generated_clevr, tmp_path / "a", "--reference", "--no-ablations",
+def test_max_questions_embedding_sample_and_a_cache_as_data(film_run, cache, tmp_path):
+    # DATA is the cache (as the quickstart's runs use): programs are read from the data it was built from.
+    result = _analyze(film_run, cache, tmp_path / "a", "--reference", "--no-ablations",
                       "--max-questions", "10", "--embed-points", "4", "--bins", "7")
     assert result["questions"] == 10
     assert len(result["embedding"]["questions"]) == 4 and np.array(result["embedding"]["coords"]).shape == (2, 4, 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fastfilm.data import reader
 from fastfilm.data.cache import SplitData, read_meta
@@ -25,7 +26,8 @@ def source_dir(data: str | Path) -> Path:
     return Path(meta["source"]) if meta is not None else Path(data)
 
 
-def program_lengths(data: str | Path, split: SplitData, vocab: Vocab, n: int) -> tuple[np.ndarray | None, str]:
+def program_lengths(data: str | Path, split: SplitData, vocab: Vocab, n: int,
+                    progress: bool = False) -> tuple[np.ndarray | None, str]:
     """Functions in the program of each of the split's first n questions.
 
     Returns ([n] int64 with -1 where a question has no program, "") or (None, why not).
@@ -40,7 +42,9 @@ def program_lengths(data: str | Path, split: SplitData, vocab: Vocab, n: int) ->
         return None, f"no question file for split {split.name!r} under {root}"
     out = np.full(n, -1, dtype=np.int64)
     row = 0
-    for _, _, rec in reader.stream_records(path, "questions"):
+    records = tqdm(reader.stream_records(path, "questions"), desc=f"{split.name} programs", unit="q", leave=False,
+                   disable=not progress or path.stat().st_size < (8 << 20))
+    for _, _, rec in records:
         if row == n:
             break
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str):

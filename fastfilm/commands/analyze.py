@@ -116,7 +116,7 @@ def analyze(cfg: AnalyzeConfig, loaded: Loaded, *, progress: bool = False) -> di
                     **accuracy_report(p, answers, types, families), "changed": float((p != preds).mean()),
                     "noise_on": ablation.noise_on, "noise_std": ablation.noise_std}
     out["by_question_length"] = accuracy_by(question_words(split, n), preds, answers)
-    steps, why = program_lengths(cfg.data, split, Vocab(**loaded.meta["vocab"]), n)
+    steps, why = program_lengths(cfg.data, split, Vocab(**loaded.meta["vocab"]), n, progress)
     out["by_program_length"] = accuracy_by(steps, preds, answers) if steps is not None else None
     out["program_length_note"] = why
     return out
