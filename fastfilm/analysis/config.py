@@ -24,7 +24,7 @@ class AnalyzeConfig:
     bins: int = _f(60, "histogram bins per block")
     embedding: str = _f("auto", "2-D embedding of each question's (gamma, beta): tsne (needs scikit-learn), "
                         "pca, or auto (tsne when scikit-learn is installed)", choices=("auto", "tsne", "pca"))
-    embed_points: int = _f(2000, "questions in the embedding (a seeded sample when the split has more)")
+    embed_points: int = _f(2000, "questions in the embedding: a seeded sample when the split has more (0: all)")
     seed: int = _f(0, "seed of the noise ablations and of the embedding's sample")
     batch_size: int = _f(256, "questions per forward pass")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
