@@ -9,7 +9,7 @@ from fastfilm import config as C
 from fastfilm.cli import COMMANDS, build_parser, split_namespace
 
 POSITIONAL = {"generate": ["OUT"], "preprocess": ["DATA"], "train": ["DATA"], "eval": ["CKPT", "DATA"],
-              "answer": ["CKPT"], "quickstart": []}
+              "answer": ["CKPT"], "quickstart": [], "analyze": ["RUN", "DATA"], "plot": ["RUN"]}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -97,3 +97,8 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "fastfilm", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "--max-minutes" in out.stdout and "--preset" in out.stdout and "--film-position" in out.stdout
+
+
+def test_plot_takes_several_runs():
+    cfg, _ = split_namespace("plot", build_parser().parse_args(["plot", "a", "b", "--out", "x.png"]))
+    assert cfg.runs == ("a", "b") and cfg.out == "x.png"

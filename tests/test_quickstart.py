@@ -21,6 +21,7 @@ def test_quickstart_prints_the_table_and_writes_results(tmp_path, capsys):
     for row in results["rows"].values():
         assert 0 <= row["accuracy"] <= 1
     assert (out / "runs" / "film" / "metrics.json").exists()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the table as a bar chart
 
 
 def test_film_budget_is_cut_to_end_within_the_total():
