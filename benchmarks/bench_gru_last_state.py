@@ -8,9 +8,13 @@ Every candidate maps embedded tokens x [L, B, E] to the state at each row's last
   length (lengths sorted longest first; the default for CPU tensors);
 - op_dense: the same with every row running every step (the default on CUDA, where packing
   would read the lengths on the host); not at the paper's size on the CPU, to keep the run
-  short.
+  short;
+- op_graphed (CUDA only): op_dense captured once in a CUDA graph (forward, or forward and
+  backward) and replayed, as `--cuda-graphs` runs it inside the training step: the choice
+  made in kernels/gru_last_state.py ("On CUDA") against cuDNN (nn_gru).
 Modes: `fwd` (inference: no_grad, the op keeps one step of scratch) and `fwd_bwd` (forward
-and the gradients of x and of the four weights).
+and the gradients of x and of the four weights). dtypes: fp32 (on CUDA with TF32 off for
+cuDNN and cuBLAS alike) and, on CUDA, bf16 (weights and inputs in bf16, as under autocast).
 
 Sizes: the cpu preset (H=128, E=64, B=64, L=46 with lengths 12-46 like CLEVR questions) and
 the paper's (H=4096, E=200, B=64, L=16 with lengths 6-16; B=32 on the CPU). fp32, one CPU
@@ -51,8 +55,9 @@ SIZES = {
     "preset": (128, 64, 64, 46, 12),
     "paper": (4096, 200, 32 if ON_CPU else 64, 16, 6),
 }
-CANDIDATES = ("nn_gru", "op_packed", "op_dense")
+CANDIDATES = ("nn_gru", "op_packed", "op_dense", "op_graphed")
 MODES = ("fwd", "fwd_bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def rounds(size: str) -> tuple[int, int]:
@@ -72,16 +77,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=list(SIZES))
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """fp32 means fp32 for both sides: cuDNN's RNNs may use TF32 by default, cuBLAS's matmuls not."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+
+
+@pytest.fixture(scope="module", params=[(size, dtype) for size in SIZES for dtype in DTYPES
+                                        if dtype == "fp32" or not ON_CPU], ids=lambda p: "-".join(p))
 def problem(request):
-    """(size name, nn.GRU, x [L, B, E], lengths [B] sorted longest first) on DEVICE."""
-    hidden, embed, batch, steps, shortest = SIZES[request.param]
+    """(size name, dtype name, nn.GRU, x [L, B, E], lengths [B] sorted longest first) on DEVICE."""
+    size, dtype = request.param
+    hidden, embed, batch, steps, shortest = SIZES[size]
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    gru = torch.nn.GRU(embed, hidden).to(DEVICE)
-    x = torch.randn(steps, batch, embed, generator=g).to(DEVICE)
+    gru = torch.nn.GRU(embed, hidden).to(DEVICE, DTYPES[dtype])
+    x = torch.randn(steps, batch, embed, generator=g).to(DEVICE, DTYPES[dtype])
     lengths = torch.randint(shortest, steps + 1, (batch,), generator=g).sort(descending=True).values
-    return request.param, gru, x, lengths.to(DEVICE)
+    return size, dtype, gru, x, lengths.to(DEVICE)
 
 
 def forward(candidate: str, gru: torch.nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -93,28 +107,48 @@ def forward(candidate: str, gru: torch.nn.GRU, x: torch.Tensor, lengths: torch.T
     return gru_last_state(gi, gru.weight_hh_l0, gru.bias_hh_l0, lengths, pack=candidate == "op_packed")
 
 
+def graphed(call):
+    """call, captured once in a CUDA graph (after warm-up on a side stream, as torch.cuda.graph
+    asks) -> a function that replays it on the same static inputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("candidate", CANDIDATES)
 def test_gru_last_state(benchmark, problem, candidate, mode):
-    size, gru, x, lengths = problem
+    size, dtype, gru, x, lengths = problem
     if candidate == "op_dense" and size == "paper" and ON_CPU:
         pytest.skip("dense at the paper's size on the CPU: seconds a round, and not the CPU default")
+    if candidate == "op_graphed" and ON_CPU:
+        pytest.skip("CUDA graphs need CUDA")
+    how = "op_dense" if candidate == "op_graphed" else candidate
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return forward(candidate, gru, x, lengths)
+                return forward(how, gru, x, lengths)
     else:
         xg = x.detach().requires_grad_()
         inputs = [xg, *gru.parameters()]
-        dout = torch.randn(x.shape[1], gru.hidden_size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        dout = torch.randn(x.shape[1], gru.hidden_size, generator=torch.Generator().manual_seed(1)).to(DEVICE, x.dtype)
 
         def call():
-            return torch.autograd.grad(forward(candidate, gru, xg, lengths), inputs, dout)
+            return torch.autograd.grad(forward(how, gru, xg, lengths), inputs, dout)
+    if candidate == "op_graphed":
+        call = graphed(call)
 
     hidden, embed, batch, steps, _ = SIZES[size]
-    benchmark.group = f"{size} H={hidden} E={embed} B={batch} L={steps} {mode}"
+    benchmark.group = f"{size} H={hidden} E={embed} B={batch} L={steps} {dtype} {mode}"
     benchmark.extra_info.update(candidate=candidate, baseline="nn_gru", size=size, mode=mode, H=hidden, E=embed,
-                                B=batch, L=steps, real_tokens=int(lengths.sum()), dtype="fp32", device=DEVICE,
+                                B=batch, L=steps, real_tokens=int(lengths.sum()), dtype=dtype, device=DEVICE,
                                 threads=torch.get_num_threads())
     n, warmup = rounds(size)
     benchmark.pedantic(call, rounds=n, warmup_rounds=warmup, iterations=1)

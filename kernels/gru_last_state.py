@@ -17,6 +17,24 @@ three ops per token and one matmul for all steps' weight gradient.
 Packing (`pack=True`, lengths sorted longest first): each row stops after its last token,
 which on CLEVR-like lengths skips more than half of the recurrence. It reads the lengths on
 the host, so by default it is done only for CPU tensors.
+
+On CUDA: CUDA graphs around this loop, not cuDNN's fused GRU. Without packing (the CUDA
+default) neither direction reads a device value on the host (tests/test_gru_last_state.py
+runs both on meta tensors, where any such read raises), so the loop is captured whole into
+the CUDA graph of the step or the inference batch that calls it (`--cuda-graphs`:
+engine/step.py, engine/predictor.py) and replays without one launch from Python. cuDNN was
+the other candidate, and it loses on two counts:
+- its backward needs the forward's reserve buffer, whose size only cuDNN knows: a fake
+  implementation cannot give it, so inside a compiled graph the backward would have to run
+  the forward again (one more pass over W_hh per token);
+- what it would save is small: at the paper's size (H = 4096, batch 64) each token's matmul
+  reads all of W_hh (100 MB in bf16, twice an H100's L2) for 64 rows, so a step is bound by
+  memory bandwidth in cuDNN as in this loop; cuDNN fuses the 4-5 pointwise kernels per token
+  into one and issues its launches from C++, which is what the graph replay gives this loop.
+It would also need x and W_ih instead of gi (the table projection above would be lost).
+The op therefore keeps one implementation on every device. docs/gru_last_state.md has the
+bandwidth estimate and benchmarks/bench_gru_last_state.py measures nn.GRU (cuDNN), this loop
+eagerly and this loop replayed from a CUDA graph.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def assert_close_bf16(actual, expected, what, tol):
 def make(case: str, sort: bool, seed: int = 0):
     """(embedding, gru, tokens [L, B], lengths [B]) in fp32 on DEVICE; lengths sorted longest
     first when `sort` (what packing needs), else in a scrambled order."""
-    lengths, steps, hidden, embed = CASES[case]
+    lengths, steps, hidden, embed = CASES[case] if case in CASES else CUDA_CASES[case]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     embedding = torch.nn.Embedding(VOCAB, embed, padding_idx=0)
@@ -212,6 +212,142 @@ def test_compile_fullgraph(backend):
         for name, a, e in zip(PARAMS, grads, ref_grads):
             assert_close(a, e, f"{backend} {case} grad {name}")
     assert op_counts[0] == op_counts[1], f"the compiled graph grows with the sequence length: {op_counts}"
+
+
+# ---------------------------------------------------------------- the CUDA path
+
+def test_dense_path_reads_no_device_value_on_the_host():
+    """What lets a CUDA graph capture the op (kernels/gru_last_state.py, "On CUDA"): without
+    packing, forward and backward take no decision from tensor values. On meta tensors (shapes,
+    no data) any .item()/.tolist()/bool() of a tensor raises; the packed path, which reads the
+    lengths, shows that the check bites."""
+    from fastfilm.kernels.gru_last_state import _gru_backward, _gru_forward
+
+    L, B, H = 6, 4, 5
+    meta = dict(device="meta")
+    gi, w_hh, b_hh = torch.empty(L, B, 3 * H, **meta), torch.empty(3 * H, H, **meta), torch.empty(3 * H, **meta)
+    lengths = torch.empty(B, dtype=torch.long, **meta)
+    for save in (False, True):  # the backward below takes what the saving forward kept
+        last, states, gh, gates = _gru_forward(gi, w_hh, b_hh, lengths, pack=False, save=save)
+        assert last.shape == (B, H) and states.shape == (L, B, H) and gh.shape == (L if save else 1, B, 3 * H)
+    dgi, dw_hh, db_hh = _gru_backward(torch.empty(B, H, **meta), lengths, False, states, gh, gates, w_hh)
+    assert (dgi.shape, dw_hh.shape, db_hh.shape) == ((L, B, 3 * H), (3 * H, H), (3 * H,))
+    with pytest.raises(RuntimeError, match="meta"):
+        _gru_forward(gi, w_hh, b_hh, lengths, pack=True, save=True)
+    # The public op's default on a non-CPU device is the dense path.
+    assert gru_last_state(gi, w_hh, b_hh, lengths).device.type == "meta"
+
+
+# A size where cuBLAS and cuDNN pick their large-problem kernels (tiling, split-K), with
+# CLEVR's batch and question lengths.
+CUDA_CASES = {"large": (torch.randint(12, 47, (64,), generator=torch.Generator().manual_seed(2)).tolist(), 46, 1024, 200)}
+# fp32 at the large size: cuDNN (nn.GRU) and cuBLAS (the op) sum up to L*B = 2944 products per weight
+# gradient element in different orders. Measured on the CPU (MKL-DNN against the op, fp32):
+# worst |err| / max|expected| 5.1e-7 over the state and every gradient; allowed: 1e-5 of each
+# tensor's largest element (20x, for other summation orders on the GPU).
+LARGE_FP32 = 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["ragged", "bucket-padding", "batch-1-length-1", "cpu-preset", "large"])
+def test_cuda_matches_nn_gru(case, dtype):
+    """On CUDA (dense, the default there) against cuDNN's nn.GRU: the state and the gradients
+    of the embedding table, W_ih, b_ih, W_hh and b_hh, ragged lengths in scrambled order."""
+    embedding, gru, tokens, lengths = make(case, sort=False)
+    assert tokens.is_cuda
+    half = dtype == "bf16"
+    if half:  # the oracle runs in fp32 on the values the bf16 op sees (as test_matches_nn_gru_bf16)
+        with torch.no_grad():
+            for p in params(embedding, gru):
+                p.copy_(p.to(torch.bfloat16).float())
+    expected = nn_gru_last(embedding, gru, tokens, lengths)
+    dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, grads = run(embedding, gru, tokens, lengths, op_last, dout, pack=None,
+                     dtype=torch.bfloat16 if half else torch.float32)
+    _, ref_grads = run(embedding, gru, tokens, lengths, nn_gru_last, dout)
+    pairs = [("last state", out, expected), *((f"grad {n}", a, e) for n, a, e in zip(PARAMS, grads, ref_grads))]
+    for name, a, e in pairs:
+        if half:
+            assert_close_bf16(a, e, f"cuda bf16 {case} {name}", BF16_STATE if name == "last state" else BF16_GRAD)
+        elif case == "large":
+            assert_close_bf16(a, e, f"cuda fp32 {case} {name}", LARGE_FP32)
+        else:
+            assert_close(a, e, f"cuda fp32 {case} {name}")
+
+
+def _gates_fn(gru, lengths, dout):
+    """x [L, B, E] -> (last [B, H], grads of x and the four weights): projection, op, backward."""
+    weights = [gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0, gru.bias_hh_l0]
+
+    def fn(x):
+        gi = F.linear(x, weights[0], weights[1])
+        last = gru_last_state(gi, weights[2], weights[3], lengths)
+        return (last, *torch.autograd.grad(last, [x, *weights], dout))
+    return fn
+
+
+def _nn_gru_fn(gru, lengths, dout):
+    def fn(x):
+        states, _ = gru(x)
+        last = states[lengths - 1, torch.arange(len(lengths), device=x.device)]
+        return (last, *torch.autograd.grad(last, [x, gru.weight_ih_l0, gru.bias_ih_l0, gru.weight_hh_l0,
+                                                  gru.bias_hh_l0], dout))
+    return fn
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_nn_gru():
+    """The forward and backward captured in one CUDA graph (what --cuda-graphs does to the whole
+    training step) and replayed on new inputs copied into the static ones equal nn.GRU on
+    those inputs: nothing in the op was frozen at capture time except shapes."""
+    torch.manual_seed(0)
+    L, B, H, E = 9, 6, 32, 8
+    gru = torch.nn.GRU(E, H).cuda()
+    lengths = torch.tensor([9, 7, 4, 4, 2, 1], device="cuda")[torch.randperm(B, device="cuda")]
+    dout = torch.randn(B, H, device="cuda")
+    fn = _gates_fn(gru, lengths, dout)
+    static_x = torch.randn(L, B, E, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        for _ in range(2):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    for seed in (1, 2):
+        x = torch.randn(L, B, E, generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.no_grad():
+            static_x.copy_(x)
+        lengths.copy_(lengths.roll(seed))  # the lengths are read on the device too
+        graph.replay()
+        expected = _nn_gru_fn(gru, lengths, dout)(x.requires_grad_())
+        for name, a, e in zip(["last", "x", "w_ih", "b_ih", "w_hh", "b_hh"], static_out, expected):
+            assert_close(a, e, f"replay {seed}: {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_and_backward_never_sync():
+    """torch's sync debug mode raises on any synchronising call (a .item(), a copy to the host,
+    a pageable copy to the device) during the op's forward and backward on CUDA."""
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(8, 32).cuda()
+    lengths = torch.tensor([5, 3, 5, 1], device="cuda")
+    dout = torch.randn(4, 32, device="cuda")
+    x = torch.randn(5, 4, 8, device="cuda", requires_grad=True)
+    fn = _gates_fn(gru, lengths, dout)
+    fn(x)  # first call: lazy initialisation (cuBLAS handles) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_packing_needs_sorted_lengths():
