@@ -135,6 +135,11 @@ class FastConfig:
     compile: bool = _f(True, "torch.compile the model (fullgraph, static shapes) and the training step")
     fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
     channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
+    # Off by default: a graph is recorded per batch shape and holds its own memory pool, and
+    # the path has not been measured on a GPU yet (docs/fastpath.md, "CUDA graphs").
+    cuda_graphs: bool = _f(False, "replay each training step and inference batch as a CUDA graph, removing the "
+                           "per-kernel launch cost (CUDA only: on a CPU it is off, with a note; the training step "
+                           "needs the compiled fast path)")
 
 
 def fast_config(cfg: FastConfig) -> FastConfig:
@@ -159,6 +164,9 @@ class TrainConfig(FastConfig):
     seed: int = _f(0, "seed for weights, data order and dropout")
     resume: str = _f("", "run directory to continue exactly where it stopped")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    resident: str = _f("auto", "keep the training and validation images and question arrays in device memory and "
+                       "build batches there: auto (on CUDA when they fit in half the free device memory), on, off",
+                       choices=("auto", "on", "off"))
     eval_batch_size: int = _f(256, "questions per evaluation step")
     log_every: int = _f(20, "steps between progress-bar loss/accuracy updates (each costs a host sync)")
     max_train_questions: int = _f(0, "use only the first N training questions (0: all)")
@@ -200,6 +208,10 @@ class AnswerConfig:
     question: str = _f("", "the question, in words")
     top: int = _f(5, "how many answers to show")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    # One question: the eager reference model answers it as fast as a compiled one would
+    # start, so only the CUDA-graphs switch is offered (same flag and help as train and eval).
+    fast: FastConfig = nested(FastConfig, only=("cuda_graphs",), reference=True, amp="off", compile=False,
+                              fused=False, channels_last=False)
 
 
 # Zero-hop questions of all five types: what a small model learns within minutes on a CPU.

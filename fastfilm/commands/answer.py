@@ -11,16 +11,18 @@ from fastfilm.config import AnswerConfig
 from fastfilm.data.decode import decode_pillow, read_encoded
 from fastfilm.data.vocab import Vocab
 from fastfilm.engine.build import load
-from fastfilm.engine.options import Execution
+from fastfilm.engine.options import resolve
+from fastfilm.engine.predictor import Predictor
 from fastfilm.errors import UserError
 from fastfilm.hardware import resolve_device
 
 
 @torch.inference_mode()
-def answer(model: nn.Module, vocab: Vocab, image: np.ndarray, question: str, top: int = 5,
+def answer(model: nn.Module | Predictor, vocab: Vocab, image: np.ndarray, question: str, top: int = 5,
            device: torch.device | None = None) -> tuple[list[tuple[str, float]], list[str]]:
-    """image: [S, S, 3] uint8 at the model's input size. Returns ([(answer, probability)] best
-    first, words not in the vocabulary)."""
+    """image: [S, S, 3] uint8 at the model's input size; model: an eval-mode model or a
+    Predictor (then give `device`). Returns ([(answer, probability)] best first, words not in
+    the vocabulary)."""
     device = device or next(model.parameters()).device
     tokens, unknown = vocab.encode_question(question), vocab.unknown_words(question)
     questions = torch.tensor([tokens], device=device)
@@ -44,9 +46,13 @@ def run(cfg: AnswerConfig) -> int:
         raise UserError("give both --image IMG and --question TEXT")
     device = resolve_device(cfg.device)
     # One question: the eager reference model answers it as fast as a compiled one would start.
-    loaded = load(cfg.checkpoint, Execution(device=device, reference=True))
+    ex = resolve(cfg.fast, device)
+    loaded = load(cfg.checkpoint, ex)
     image = load_image(cfg.image, loaded.config.image_size)
-    answers, unknown = answer(loaded.model, loaded.vocab, image, cfg.question, cfg.top, device)
+    # --cuda-graphs: through the Predictor, which replays CUDA graphs (recorded on a shape's
+    # second call, so a single question runs the warm-up pass only).
+    forward = Predictor(loaded.model, ex) if ex.cuda_graphs else loaded.model
+    answers, unknown = answer(forward, loaded.vocab, image, cfg.question, cfg.top, device)
     if unknown:
         print(f"note: not in the model's vocabulary, read as <UNK>: {', '.join(unknown)}")
     print(f"Q: {cfg.question}")

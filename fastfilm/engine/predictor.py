@@ -18,16 +18,21 @@ class Predictor:
 
     Eval mode (the fused op's folded eval path), inference_mode and autocast. Compiled when
     ex.compile and the model compiles whole; then batches smaller than `batch_size` are
-    padded to it (static shapes) and cut back. cuda_graphs=True replays CUDA graphs (CUDA only).
+    padded to it (static shapes) and cut back. cuda_graphs (default: ex.cuda_graphs) replays
+    CUDA graphs (CUDA only), one per batch shape: inductor's reduce-overhead when compiled,
+    else the cudagraphs backend (any model, graph breaks allowed); batches are then padded
+    as when compiled, so that a few shapes cover an epoch.
     """
 
-    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None, cuda_graphs: bool = False):
+    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None,
+                 cuda_graphs: bool | None = None):
         self.model, self.ex = model, ex
+        cuda_graphs = ex.cuda_graphs if cuda_graphs is None else cuda_graphs
         if cuda_graphs and ex.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {ex.device}")
         self.cuda_graphs = cuda_graphs
         use_compile = ex.compile and can_compile(model)
-        self.padding = Padding(static=use_compile)
+        self.padding = Padding(static=use_compile or cuda_graphs)
         self.batch_size = batch_size
         if use_compile:
             self.forward = compiled(self._forward, mode="reduce-overhead" if cuda_graphs else None)
@@ -48,6 +53,8 @@ class Predictor:
         self.model.eval()
         try:
             with torch.inference_mode():
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 logits = self.forward(images, questions, lengths)
                 # CUDA graph replays reuse their output buffer: hand out a copy.
                 logits = logits[:b].clone() if self.cuda_graphs else logits[:b]
