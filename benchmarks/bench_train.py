@@ -9,7 +9,8 @@ candidate, timed interleaved by benchmarks/harness.py so machine noise hits all 
 training questions/s, inference questions/s at the training batch size and batch-1 latency,
 peak memory of a training step, and MFU against bf16/fp32 matmul peaks measured in the same
 run. The ablation removes one piece of the fast path at a time (fused op, AMP,
-channels_last, compile). `--group K` adds the fast path, compiled and eager, trained on
+channels_last, compile); "fast +cuda_graphs" adds CUDA graphs (on a GPU; elsewhere it is
+"fast" itself). `--group K` adds the fast path, compiled and eager, trained on
 batches whose questions come K per image (`--group-questions K`: one stem pass per image).
 Compile time (first call minus a steady call) is reported apart.
 By default compiles start from an empty inductor cache, so compile times are cold ones.
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch-questions", type=int, default=700_000,
                    help="extrapolate seconds per epoch of this many questions (CLEVR train: 700k)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--no-ablation", action="store_true", help="time only the reference and the full fast path")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="time only the reference and the full fast path (with and without CUDA graphs)")
     p.add_argument("--group", type=int, default=4,
                    help="also time training on batches of K questions per image, sharing the stem (0: skip)")
     p.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (compile times are then warm)")
@@ -126,7 +128,9 @@ def candidates(ablation: bool, group: int = 0) -> dict:
 
     fast = FastConfig()
     out = {"reference": (FastConfig(reference=True, amp="off", compile=False, fused=False, channels_last=False), 1),
-           "fast": (fast, 1)}
+           "fast": (fast, 1),
+           # CUDA graphs on: off a GPU it resolves to "fast" itself and is reported as the same.
+           "fast +cuda_graphs": (dataclasses.replace(fast, cuda_graphs=True), 1)}
     if ablation:
         out.update({"fast -fused": (dataclasses.replace(fast, fused=False), 1),
                     "fast -amp": (dataclasses.replace(fast, amp="off"), 1),
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     runs, same_as, effective = {}, {}, {}
     for name, (fast_cfg, group) in candidates(not args.no_ablation, args.group).items():
         opts = resolve(fast_cfg, device)
-        key = (opts.reference, opts.dtype, opts.compile, opts.fused, opts.channels_last, group)
+        key = (opts.reference, opts.dtype, opts.compile, opts.fused, opts.channels_last, opts.cuda_graphs, group)
         if key in effective:
             same_as[name] = effective[key]
             continue
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
         peak = peaks["bf16" if r["amp"] == "bfloat16" else "fp32"]["tflops"] * 1e12
         results[name] = {
             "amp": r["amp"], "compile": r["opts"].compile, "fused": r["opts"].fused,
-            "channels_last": r["opts"].channels_last, "questions_per_image": r["group"],
+            "channels_last": r["opts"].channels_last, "cuda_graphs": r["opts"].cuda_graphs,
+            "questions_per_image": r["group"],
             "train_qps": b / t_train, "train_step_s": train[name], "infer_qps": b / t_infer, "infer_step_s": infer[name],
             "train_compile_s": max(0.0, first[name][0] - t_train), "infer_compile_s": max(0.0, first[name][1] - t_infer),
             "train_mfu": (flops_train if r["group"] == 1 else flops_grouped) / t_train / peak,

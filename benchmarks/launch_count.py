@@ -210,8 +210,10 @@ def main(argv=None) -> int:
             print(f"{name:18} skipped: {c['skipped']}")
             continue
         t, i = c["train_step"], c["inference_batch"]
-        print(f"{name:18} {t[key]:11d} {t['gru']:7d} {i[key]:10d} {i['gru']:7d} {t['host_reads'] + i['host_reads']:11d}")
-    out = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"launch_count_{device.type}.json"
+        reads = t["host_reads"] + i["host_reads"]
+        print(f"{name:18} {t[key]:11d} {t['gru']:7d} {i[key]:10d} {i['gru']:7d} {reads:11d}")
+    default = Path(__file__).resolve().parent / "results" / f"launch_count_{device.type}.json"
+    out = Path(args.json) if args.json else default
     payload = {"preset": args.preset, "full_size": args.full_size, "model_config": dataclasses.asdict(cfg),
                "device": str(device), "batch_size": args.batch_size, "question_tokens": MAX_LENGTH,
                "counted": key, "candidates": counts}

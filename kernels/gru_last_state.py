@@ -29,7 +29,7 @@ the other candidate, and it loses on two counts:
   the forward again (one more pass over W_hh per token);
 - what it would save is small: at the paper's size (H = 4096, batch 64) each token's matmul
   reads all of W_hh (100 MB in bf16, twice an H100's L2) for 64 rows, so a step is bound by
-  memory bandwidth in cuDNN as in this loop; cuDNN fuses the 4-5 pointwise kernels per token
+  memory bandwidth in cuDNN as in this loop; cuDNN fuses the 5 pointwise kernels per token
   into one and issues its launches from C++, which is what the graph replay gives this loop.
 It would also need x and W_ih instead of gi (the table projection above would be lost).
 The op therefore keeps one implementation on every device. docs/gru_last_state.md has the

@@ -240,7 +240,8 @@ def test_dense_path_reads_no_device_value_on_the_host():
 
 # A size where cuBLAS and cuDNN pick their large-problem kernels (tiling, split-K), with
 # CLEVR's batch and question lengths.
-CUDA_CASES = {"large": (torch.randint(12, 47, (64,), generator=torch.Generator().manual_seed(2)).tolist(), 46, 1024, 200)}
+CUDA_CASES = {"large": (torch.randint(12, 47, (64,), generator=torch.Generator().manual_seed(2)).tolist(),
+                        46, 1024, 200)}
 # fp32 at the large size: cuDNN (nn.GRU) and cuBLAS (the op) sum up to L*B = 2944 products per weight
 # gradient element in different orders. Measured on the CPU (MKL-DNN against the op, fp32):
 # worst |err| / max|expected| 5.1e-7 over the state and every gradient; allowed: 1e-5 of each

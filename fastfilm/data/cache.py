@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfilm.data import reader
-from fastfilm.data.decode import decode_images, resolve_backend
+from fastfilm.data.decode import decode_images, describe_decoding, resolve_backend
 from fastfilm.data.vocab import SPECIAL_TOKENS, UNK, Vocab, tokenize
 from fastfilm.atomic import current_umask, write_json
 from fastfilm.errors import UserError
@@ -366,6 +366,7 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
     backend = resolve_backend(decoder)
+    print(f"fastfilm: building cache {target}: {describe_decoding(backend, device, workers)}", file=sys.stderr)
     questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
                  for s in present}
     vocab_source = "given"

@@ -65,6 +65,20 @@ def default_workers(workers: int = 0) -> int:
                                            else os.cpu_count() or 1)
 
 
+def describe_decoding(backend: str, device: str, workers: int) -> str:
+    """Which device decodes which format and resizes, in words, for the build's log line.
+    backend: 'dali' or 'pillow'; device: 'cpu', 'gpu' or 'gpu:N' (DALI only)."""
+    n = default_workers(workers)
+    threads = f"{n} thread{'s' if n != 1 else ''}"
+    if backend == "pillow":
+        return f"Pillow on the CPU ({threads}): PNG and JPEG decoded and resized on the CPU"
+    if device == "cpu":
+        return f"DALI on the CPU ({threads}): PNG and JPEG decoded and resized on the CPU"
+    gpu = int(device.partition(":")[2] or 0)
+    return (f"DALI 'mixed' on GPU {gpu}: JPEG decoded on the GPU (nvJPEG), PNG on the CPU ({threads}, "
+            f"nvImageCodec); resized on the GPU")
+
+
 def read_encoded(path: str | Path) -> bytes:
     """File bytes, checked for the damage both decoders must reject alike. Raises ValueError."""
     try:

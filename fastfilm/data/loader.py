@@ -3,9 +3,15 @@
 An epoch visits every question of the split (or of this shard) exactly once, in an order
 that depends only on (seed, epoch); the last partial batch is kept unless `drop_last`.
 On CUDA, batches are gathered into pinned memory by a background thread `prefetch`
-batches ahead and copied with non_blocking=True; `resident=True` puts the whole image
-array on the device once, so a step copies only question rows and indices (on the CPU,
-resident reads the memory-mapped images into RAM once).
+batches ahead and copied with non_blocking=True.
+
+resident=True puts the image array and the question arrays on the device once (on the CPU:
+reads them into RAM) and builds batches there. Whatever depends on values (the epoch's
+order, each batch's question width, with grouping its distinct images) is worked out on the
+host from host copies and uploaded once per epoch; a batch is then device slices and
+gathers, so the host never waits for the device within an epoch (tests/test_resident.py
+runs it on meta tensors, where a read of a device value raises). `resident_decision`
+decides from free device memory whether a split fits (`--resident auto|on|off`).
 
 group=k > 1 keeps up to k questions about the same image together: an epoch shuffles each
 image's questions, cuts them into chunks of at most k, shuffles the chunks and fills batches
@@ -24,6 +30,11 @@ import numpy as np
 import torch
 
 from fastfilm.data.cache import SplitData
+from fastfilm.errors import UserError
+
+# --resident auto keeps a split on the GPU when it takes at most this share of the free
+# device memory: the rest is for the model, its activations and the CUDA graphs' pools.
+RESIDENT_SHARE = 0.5
 
 
 @dataclass
@@ -48,6 +59,45 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+# Loader attributes holding one value per question ([Q] or [Q, L] CPU tensors).
+_PER_QUESTION = ("questions", "lengths", "answers", "types", "families")
+
+
+def resident_bytes(split: SplitData, limit: int = 0) -> int:
+    """Bytes a resident Loader of `split` puts on its device: images and per-question arrays."""
+    n = min(limit, len(split)) if limit > 0 else len(split)
+    per_question = sum(getattr(split, name)[:1].nbytes for name in _PER_QUESTION)
+    return int(split.images.nbytes + n * per_question)
+
+
+def resident_decision(mode: str, device: torch.device, nbytes: int, what: str) -> tuple[bool, str]:
+    """--resident auto|on|off for `nbytes` of data (`what`, for the message) on `device`.
+
+    Returns (resident, one line saying why, or "" when there is nothing to say). auto: on
+    CUDA, resident when nbytes <= RESIDENT_SHARE x the free device memory (mem_get_info, so
+    after the model and any resident split already there); elsewhere not (the page cache
+    serves a memory-mapped split as well as a copy in RAM would). on: resident, or a
+    UserError when the data exceeds the free memory outright; on the CPU it reads the split
+    into RAM. off: never.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"resident mode must be auto, on or off, got {mode!r}")
+    if mode == "off" or (device.type != "cuda" and mode == "auto"):
+        return False, ""
+    if device.type != "cuda":
+        return True, f"--resident on: {what} ({nbytes / 2**30:.2f} GiB) read into RAM"
+    free, _total = torch.cuda.mem_get_info(device)
+    sizes = f"{what}: {nbytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free on {device}"
+    if mode == "on":
+        if nbytes > free:
+            raise UserError(f"--resident on: {sizes}; it does not fit (--resident auto decides from free memory)")
+        return True, f"resident on the GPU ({sizes}); batches are built on the device"
+    if nbytes <= RESIDENT_SHARE * free:
+        return True, f"resident on the GPU ({sizes}); batches are built on the device"
+    return False, (f"not resident ({sizes}: more than {RESIDENT_SHARE:.0%} of it); batches are gathered on the host "
+                   "into pinned memory")
 
 
 class Loader:
@@ -108,11 +158,11 @@ class Loader:
         self.image_index = np.array(split.image_index[:n])
         self.cuda = self.device.type == "cuda"
         self.images = split.images
-        self.images_resident: torch.Tensor | None = None
-        if resident and self.device.type == "cpu":
-            self.images = np.array(split.images)  # in RAM: no page faults on the memmap
-        elif resident:
-            self.images_resident = self._upload(split.images)
+        self.resident = resident
+        if resident:
+            self.images_resident = self._upload(split.images)  # [I, S, S, 3] uint8 on the device
+            # Per-question arrays on the device; the host copies above stay for what the host decides.
+            self.on_device = {name: getattr(self, name).to(self.device) for name in _PER_QUESTION}
 
     def _upload(self, images: np.ndarray, chunk: int = 1024) -> torch.Tensor:
         """The whole [I, S, S, 3] array on the device, copied in chunks (no second host copy)."""
@@ -169,45 +219,83 @@ class Loader:
         """Batches of `epoch`, from batch `start_batch` on (exact resume after a stop)."""
         order = self.order(epoch)
         rows = [order[i:i + self.batch_size] for i in range(start_batch * self.batch_size, len(order), self.batch_size)]
+        if self.resident:
+            yield from self._resident(rows)
+            return
         if not self.cuda or self.prefetch <= 0:
             for r in rows:
                 yield self._gather(r).to(self.device)
             return
         yield from self._prefetched(rows, pin=True)
 
-    def _gather(self, rows: np.ndarray, pin: bool = False) -> Batch:
-        """Host batch for question rows [B]; images stay on the device when resident."""
-        idx = torch.from_numpy(rows)
-        lengths = self.lengths[idx]
-        width = int(lengths.max())
+    def _width(self, rows: np.ndarray) -> int:
+        """The question width of the batch of question rows [B]: its longest question, or the
+        smallest bucket that holds it. From the host copy of the lengths."""
+        width = int(self.lengths.numpy()[rows].max())
         if self.buckets is not None:
             width = int(self.buckets[np.searchsorted(self.buckets, width)])
+        return width
+
+    def _image_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image rows [M] of the batch of question rows [B], each question's position among
+        them [B] or None when M = B in question order). Grouped: each distinct image once,
+        padded to a multiple of image_multiple by repeating the last."""
+        img_rows = self.image_index[rows]
+        if self.group == 1:
+            return img_rows, None
+        img_rows, inverse = np.unique(img_rows, return_inverse=True)
+        if self.image_multiple > 0 and len(img_rows) % self.image_multiple:
+            pad = self.image_multiple - len(img_rows) % self.image_multiple
+            img_rows = np.concatenate([img_rows, np.repeat(img_rows[-1:], pad)])
+        return img_rows, inverse.reshape(-1).astype(np.int64)
+
+    def _gather(self, rows: np.ndarray, pin: bool = False) -> Batch:
+        """Host batch for question rows [B] (into pinned memory when `pin`)."""
+        idx = torch.from_numpy(rows)
+        width = self._width(rows)
         q = self.questions[idx, : min(width, self.questions.shape[1])]
         if q.shape[1] < width:  # a bucket longer than every question of the split
             q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
-        img_rows = self.image_index[rows]
-        if self.group > 1:  # each distinct image once
-            img_rows, inverse = np.unique(img_rows, return_inverse=True)
-            if self.image_multiple > 0 and len(img_rows) % self.image_multiple:
-                pad = self.image_multiple - len(img_rows) % self.image_multiple
-                img_rows = np.concatenate([img_rows, np.repeat(img_rows[-1:], pad)])
-            image_index = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
-        else:
-            image_index = torch.arange(len(rows))
+        img_rows, inverse = self._image_rows(rows)
+        image_index = torch.arange(len(rows)) if inverse is None else torch.from_numpy(inverse)
         s = self.images.shape[1]
-        if self.images_resident is not None:
-            # Rows gathered as flat [I, S*S*3]: a 4-D uint8 gather is many times slower.
-            flat = self.images_resident.view(len(self.images_resident), -1)
-            rows_dev = torch.from_numpy(img_rows).to(self.device)
-            images = flat.index_select(0, rows_dev).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
-        else:
-            buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
-            np.take(self.images, img_rows, axis=0, out=buf.numpy())
-            images = buf.permute(0, 3, 1, 2)
-        small = [q, lengths, self.answers[idx], self.types[idx], self.families[idx], idx, image_index]
-        if pin:  # images were gathered straight into pinned memory (or are on the device)
+        buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
+        np.take(self.images, img_rows, axis=0, out=buf.numpy())
+        small = [q, self.lengths[idx], self.answers[idx], self.types[idx], self.families[idx], idx, image_index]
+        if pin:  # images were gathered straight into pinned memory
             small = [t.pin_memory() for t in small]
-        return Batch(images, *small)
+        return Batch(buf.permute(0, 3, 1, 2), *small)
+
+    def _resident(self, rows: list[np.ndarray]) -> Iterator[Batch]:
+        """Batches built on the device from the resident arrays (see the module docstring).
+
+        What depends on values is decided here on the host, for the whole epoch: widths [K],
+        and one upload of the question rows, image rows and image_index of every batch,
+        concatenated. Each batch is then slices of that upload and gathers: no host sync.
+        """
+        if not rows:
+            return
+        widths = [self._width(r) for r in rows]
+        parts = [self._image_rows(r) for r in rows]
+        grouped = self.group > 1
+        host = np.concatenate([*rows, *(p[0] for p in parts), *((p[1] for p in parts) if grouped else ())])
+        uploaded = torch.from_numpy(host.astype(np.int64))
+        uploaded = uploaded.pin_memory().to(self.device, non_blocking=True) if self.cuda else uploaded.to(self.device)
+        counts = [len(r) for r in rows] + [len(p[0]) for p in parts] + ([len(r) for r in rows] if grouped else [])
+        pieces = uploaded.split(counts)
+        k = len(rows)
+        flat = self.images_resident.view(len(self.images_resident), -1)  # a 4-D uint8 gather is many times slower
+        s = self.images.shape[1]
+        d = self.on_device
+        for i, width in enumerate(widths):
+            idx, img_rows = pieces[i], pieces[k + i]
+            q = d["questions"][idx, : min(width, self.questions.shape[1])]
+            if q.shape[1] < width:  # a bucket longer than every question of the split
+                q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
+            images = flat.index_select(0, img_rows).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
+            image_index = pieces[2 * k + i] if grouped else torch.arange(len(idx), device=self.device)
+            yield Batch(images, q, d["lengths"][idx], d["answers"][idx], d["types"][idx], d["families"][idx], idx,
+                        image_index)
 
     def _prefetched(self, rows: list[np.ndarray], pin: bool) -> Iterator[Batch]:
         """Batches gathered by a background thread, `prefetch` ahead of the consumer."""

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import ModelConfig, TrainConfig, fast_config, train_config_from
 from fastfilm.data.cache import load_split, load_vocab, prepare
-from fastfilm.data.loader import Batch, Loader
+from fastfilm.data.loader import Batch, Loader, resident_bytes, resident_decision
 from fastfilm.data.vocab import Vocab
 from fastfilm.engine import distributed
 from fastfilm.engine.batching import pad_batch
@@ -140,7 +140,7 @@ class Trainer:
         cfg = self.cfg
         # Every rank prepares the cache: a file lock lets one build it while the others wait
         # (no collective, so a long build does not run into --dist-timeout-s), then they map it.
-        cache = prepare(cfg.data, self.model_cfg.image_size)
+        cache = prepare(cfg.data, self.model_cfg.image_size, device=dali_device(self.dctx.device))
         self.vocab: Vocab = load_vocab(cache)
         if self.resumed and self.resumed["meta"]["vocab"] != self.vocab.to_json():
             raise UserError(f"cannot resume {self.run_dir}: {cfg.data} now has a different vocabulary or answer set")
@@ -172,11 +172,22 @@ class Trainer:
         # The step and the predictor compile (or not) the same model: one padding policy.
         self.padding = self.predictor.padding
         shard = (dctx.rank, dctx.world_size)
+        # Train first: the val split is then decided on the memory the train split left free.
         self.loader = Loader(self.train_split, cfg.batch_size, shuffle=True, seed=cfg.seed, device=dctx.device,
                              limit=cfg.max_train_questions, shard=shard, group=cfg.group_questions,
+                             resident=self._resident(self.train_split, cfg.max_train_questions),
                              **self.padding.loader_kwargs(self.train_split.questions.shape[1]))
         self.val_loader = Loader(self.val_split, cfg.eval_batch_size, shuffle=False, device=dctx.device, shard=shard,
+                                 resident=self._resident(self.val_split),
                                  **self.padding.loader_kwargs(self.val_split.questions.shape[1]))
+
+    def _resident(self, split, limit: int = 0) -> bool:
+        """--resident for one split on this rank's device (the reason said once, by rank 0)."""
+        on, why = resident_decision(self.cfg.resident, self.dctx.device, resident_bytes(split, limit),
+                                    f"{split.name} split")
+        if why:
+            distributed.note(why)
+        return on
 
     # ------------------------------------------------------------ training
 
@@ -315,6 +326,14 @@ class Trainer:
             ckpt.write_json(self.run_dir / "metrics.json", metrics)
         self.dctx.barrier()  # when train() returns on any rank, rank 0's files are complete
         return metrics
+
+
+def dali_device(device: torch.device) -> str:
+    """The DALI device that builds a missing cache for training on `device`: its GPU ('mixed'
+    pipeline: JPEG decodes there, PNG on the CPU) on a CUDA machine, else the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return f"gpu:{device.index if device.index is not None else torch.cuda.current_device()}"
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = None) -> dict:
