@@ -127,22 +127,8 @@ def load_split(cache_dir: str | Path, split: str) -> SplitData:
             raise UserError(f"{d / name}.npy: shape {arrays[name].shape}, meta.json says {shape}; "
                             "delete the cache and preprocess again")
     if features:
-        arrays["images"] = _feature_view(meta, info, arrays.pop("feature_rows"))
+        arrays["images"] = feats.open_view(Path(meta["source"]), info["features"], arrays.pop("feature_rows"))
     return SplitData(**arrays, name=split, image_files=files)
-
-
-def _feature_view(meta: dict, info: dict, rows: np.ndarray) -> feats.FeatureView:
-    """The split's features, read in place from the file meta.json names."""
-    rec = info["features"]
-    path = Path(meta["source"]) / rec["file"]
-    if not path.is_file():
-        raise UserError(f"{path}: the feature file this cache reads is gone; put it back or rebuild the cache "
-                        f"(`fastfilm preprocess {meta['source']} --input features`)")
-    file = feats.FeatureFile(path)
-    if [*file.shape] != rec["shape"] or str(file.dtype) != rec["dtype"]:
-        raise UserError(f"{path}: now {list(file.shape)} {file.dtype}, the cache was built for {rec['shape']} "
-                        f"{rec['dtype']}; rebuild it (`fastfilm preprocess {meta['source']} --input features`)")
-    return feats.FeatureView(file, rows)
 
 
 # ------------------------------------------------------------------ where a cache lives
@@ -293,19 +279,12 @@ def _check_built(cache_dir: Path, meta: dict, image_size: int, vocab: Vocab | No
 
 
 def _changed_features(meta: dict, data: Path, splits) -> str | None:
-    """The first feature file of `splits` that is not the one the cache was built with:
-    another size or mtime, gone, or replaced by a file of the other name."""
+    """Why the feature file of one of `splits` is not the one the cache was built with, else None."""
     for split in splits:
-        rec = meta["splits"].get(split, {}).get("features")
-        if rec is None:
-            continue
-        recorded = data / rec["file"]
-        now = feats.find(data, rec["image_dir"])
-        if now is None:
-            return f"its feature file {recorded} is gone"
-        st = now.stat()
-        if now != recorded or (st.st_size, st.st_mtime_ns) != (rec["size"], rec["mtime_ns"]):
-            return f"feature file {now} changed since it was built"
+        record = meta["splits"].get(split, {}).get("features")
+        why = feats.changed(data, record) if record else None
+        if why:
+            return why
     return None
 
 
@@ -486,7 +465,8 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
     files = list(rows)
     extra: dict = {}
     if size == FEATURES:
-        bad, extra["features"] = _write_feature_rows(data, out, q, files, skip_bad)
+        rows, bad, extra["features"] = feats.match_rows(data, q.name, q.file, files, skip_bad)
+        np.save(out / "feature_rows.npy", rows)
     else:
         # Stat'ed before decoding: an image rewritten while the build runs is seen as changed.
         np.save(out / _STATS, image_stats(data, files))
@@ -521,34 +501,6 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
             "unknown_answers": int(((answers == unk_answer) & (answers >= 0)).sum()),
             "long_questions": long,
             "skipped": (q.skipped + [f"{data / 'images' / files[i]}: {r}" for i, r in bad])[:100], **extra}
-
-
-def _write_feature_rows(data: Path, out: Path, q: reader.SplitQuestions, files: list[str],
-                        skip_bad: bool) -> tuple[list[tuple[int, str]], dict]:
-    """feature_rows.npy [I] int64 for the split's image rows `files`; returns (the rows without
-    a feature, as (row, reason), which raise UserError unless skip_bad; the file's record for
-    meta.json)."""
-    dirs = sorted({f.split("/")[0] for f in files})
-    if len(dirs) != 1:
-        raise UserError(f"{q.file}: split {q.name!r} is about images in {len(dirs)} directories "
-                        f"({', '.join(dirs[:4])}); features are read from one file per image directory")
-    path = feats.find(data, dirs[0])
-    if path is None:
-        names = " or ".join(str(p.relative_to(data)) for p in feats.candidates(data, dirs[0]))
-        raise UserError(f"{data}: no features for the images of split {q.name!r} (images/{dirs[0]}): expected "
-                        f"{names}, [N, C, H, W] float16/float32 with row i for the image numbered i (docs/features.md)")
-    file = feats.FeatureFile(path)
-    numbers = np.array([feats.image_number(f) for f in files], dtype=np.int64)
-    bad = [(i, f"no row {n} in {path} ({len(file)} rows)") for i, n in enumerate(numbers) if n >= len(file)]
-    if bad and not skip_bad:
-        i, why = bad[0]
-        raise UserError(f"image {files[i]} of split {q.name!r}: {why}"
-                        + (f" (and {len(bad) - 1} more images)" if len(bad) > 1 else "")
-                        + "; --skip-bad drops their questions")
-    np.save(out / "feature_rows.npy", np.where(numbers < len(file), numbers, 0))
-    st = path.stat()
-    return bad, {"file": str(path.relative_to(data)), "image_dir": dirs[0], "format": file.format,
-                 "size": st.st_size, "mtime_ns": st.st_mtime_ns, "shape": list(file.shape), "dtype": str(file.dtype)}
 
 
 def _warn_long_questions(q: reader.SplitQuestions, lengths: np.ndarray, records: np.ndarray) -> int:

@@ -124,6 +124,66 @@ class FeatureView:
         return out if dtype is None else out.astype(dtype)
 
 
+# ------------------------------------------------------------------ the cache's record of a file
+
+
+def match_rows(data: Path, split: str, question_file: Path, files: list[str],
+               skip_bad: bool) -> tuple[np.ndarray, list[tuple[int, str]], dict]:
+    """The feature row of each image of a split, `files` [I] relative to DATA/images.
+
+    Returns (rows [I] int64, 0 where there is none; the images without a row as (index,
+    reason), which raise UserError unless skip_bad; the record of the file that the cache
+    keeps in meta.json to find it again and to see when it changes).
+    """
+    dirs = sorted({f.split("/")[0] for f in files})
+    if len(dirs) != 1:
+        raise UserError(f"{question_file}: split {split!r} is about images in {len(dirs)} directories "
+                        f"({', '.join(dirs[:4])}); features are read from one file per image directory")
+    path = find(data, dirs[0])
+    if path is None:
+        names = " or ".join(str(p.relative_to(data)) for p in candidates(data, dirs[0]))
+        raise UserError(f"{data}: no features for the images of split {split!r} (images/{dirs[0]}): expected "
+                        f"{names}, [N, C, H, W] float16/float32 with row i for the image numbered i (docs/features.md)")
+    file = FeatureFile(path)
+    numbers = np.array([image_number(f) for f in files], dtype=np.int64)
+    bad = [(i, f"no row {n} in {path} ({len(file)} rows)") for i, n in enumerate(numbers) if n >= len(file)]
+    if bad and not skip_bad:
+        i, why = bad[0]
+        raise UserError(f"image {files[i]} of split {split!r}: {why}"
+                        + (f" (and {len(bad) - 1} more images)" if len(bad) > 1 else "")
+                        + "; --skip-bad drops their questions")
+    st = path.stat()
+    record = {"file": str(path.relative_to(data)), "image_dir": dirs[0], "format": file.format,
+              "size": st.st_size, "mtime_ns": st.st_mtime_ns, "shape": list(file.shape), "dtype": str(file.dtype)}
+    return np.where(numbers < len(file), numbers, 0), bad, record
+
+
+def changed(data: Path, record: dict) -> str | None:
+    """Why DATA's feature file is no longer the one `record` describes (another size or
+    mtime, gone, or replaced by a file of the other name), else None."""
+    recorded = data / record["file"]
+    now = find(data, record["image_dir"])
+    if now is None:
+        return f"its feature file {recorded} is gone"
+    st = now.stat()
+    if now != recorded or (st.st_size, st.st_mtime_ns) != (record["size"], record["mtime_ns"]):
+        return f"feature file {now} changed since it was built"
+    return None
+
+
+def open_view(data: Path, record: dict, rows: np.ndarray) -> FeatureView:
+    """The features of a cached split: the file `record` names, checked against it."""
+    path = data / record["file"]
+    rebuild = f"`fastfilm preprocess {data} --input features`"
+    if not path.is_file():
+        raise UserError(f"{path}: the feature file this cache reads is gone; put it back or rebuild the cache ({rebuild})")
+    file = FeatureFile(path)
+    if [*file.shape] != record["shape"] or str(file.dtype) != record["dtype"]:
+        raise UserError(f"{path}: now {list(file.shape)} {file.dtype}, the cache was built for {record['shape']} "
+                        f"{record['dtype']}; rebuild it ({rebuild})")
+    return FeatureView(file, rows)
+
+
 def check_channels(channels: int, shape: tuple[int, ...], where: str) -> None:
     """The model's --feature-channels must be the files' C (shape [.., C, H, W])."""
     if shape[1] != channels:
