@@ -9,11 +9,9 @@ from pathlib import Path
 
 from fastfilm.atomic import atomic_write
 from fastfilm.config import EvalConfig, fast_config
-from fastfilm.data.cache import load_split, load_vocab, prepare
-from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Loader
-from fastfilm.engine import distributed, finetune
-from fastfilm.engine.build import check_vocab_matches, load
+from fastfilm.engine import distributed
+from fastfilm.engine.build import load, split_for
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor, predict
@@ -27,16 +25,7 @@ def run(cfg: EvalConfig) -> int:
 def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
     ex = resolve(fast_config(cfg), dctx.device)
     loaded = load(cfg.checkpoint, ex)
-    features = loaded.config.input == "features"
-    cache = prepare(cfg.data, loaded.config.image_size, splits=(cfg.split,), features=features)
-    data_vocab = load_vocab(cache)
-    # A vocabulary that holds all of DATA's words and answers under other ids (a fine-tuned
-    # run's, which appended DATA's new words to its parent's) is served by re-encoding.
-    if not finetune.covers(loaded.vocab, data_vocab):
-        check_vocab_matches(loaded.vocab, cache, cfg.data)
-    split = finetune.remap_split(load_split(cache, cfg.split), data_vocab, loaded.vocab)
-    if features:
-        check_channels(loaded.config.feature_channels, split.images.shape, f"{cfg.data} ({cfg.split})")
+    split = split_for(loaded, cfg.data, cfg.split)
     predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size)
     loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
                     **predictor.padding.loader_kwargs(split.questions.shape[1]))
