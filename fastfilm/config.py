@@ -67,6 +67,8 @@ class PreprocessConfig:
     skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")
     workers: int = _f(0, "decode threads/processes (0: one per core)")
     force: bool = _f(False, "rebuild the cache even if one matching DATA, size and vocabulary exists")
+    input: str = _f("pixels", "pixels: decode the images; features: a cache that reads the precomputed features of "
+                    "DATA/features/ in place, no image decoded (docs/features.md)", choices=("pixels", "features"))
 
 
 # ---------------------------------------------------------------- model
@@ -163,6 +165,14 @@ class TrainConfig(FastConfig):
     max_minutes: float = _f(0.0, "stop cleanly after this many minutes, then evaluate and write metrics (0: no limit)")
     seed: int = _f(0, "seed for weights, data order and dropout")
     resume: str = _f("", "run directory to continue exactly where it stopped")
+    init_from: str = _f("", "fine-tune: start from this run's best weights (run directory or checkpoint file) and "
+                        "its model; DATA's new words get new embedding rows (docs/finetuning.md)")
+    train_only: str = _f("all", "with --init-from: train only the question encoder and FiLM generator "
+                         "(film_generator, the paper's CLEVR-Humans recipe), only the question encoder (question), "
+                         "or everything (all); frozen parts keep their batch norm statistics",
+                         choices=("all", "film_generator", "question"))
+    tensorboard: bool = _f(False, "also write the metrics.jsonl scalars to RUN/tensorboard (needs the tensorboard "
+                           "package; metrics.jsonl stays the record)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     resident: str = _f("auto", "keep the training and validation images and question arrays in device memory and "
                        "build batches there: auto (on CUDA when they fit in half the free device memory), on, off",
@@ -206,6 +216,10 @@ class AnswerConfig:
     checkpoint: str = _f("", "checkpoint file (.pt or .safetensors) or run directory", positional=True)
     image: str = _f("", "image file (PNG or JPEG, RGB or RGBA, any size)")
     question: str = _f("", "the question, in words")
+    features_file: str = _f("", "for a model trained on precomputed features: the .npy or .h5 file holding the "
+                            "image's feature (as in DATA/features/, docs/features.md)")
+    feature_index: int = _f(-1, "the image's row in --features-file (-1: the number --image's file name ends in, "
+                            "CLEVR_val_000123.png -> 123)")
     top: int = _f(5, "how many answers to show")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     # One question: the eager reference model answers it as fast as a compiled one would
@@ -323,6 +337,8 @@ def validate(cfg) -> None:
                      "classifier_proj", "classifier_fc", "conv2_kernel", "feature_channels"):
             positive(name)
         _need(cfg.conv2_kernel % 2 == 1, "conv2_kernel", "must be odd (the output keeps its size)", cfg.conv2_kernel)
+    if isinstance(cfg, TrainConfig) and cfg.train_only != "all" and not cfg.init_from:
+        raise UserError(f"--train-only {cfg.train_only}: needs --init-from RUN (it freezes the rest of a trained model)")
     for f in dataclasses.fields(cfg):
         if "nested" in f.metadata:
             validate(getattr(cfg, f.name))

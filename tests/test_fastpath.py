@@ -349,7 +349,8 @@ def test_padded_samples_do_not_count():
 # ---------------------------------------------------------------- options, AMP, optimizer
 
 
-def test_options_follow_train_config(capsys):
+def test_options_follow_train_config(capsys, monkeypatch):
+    monkeypatch.setattr(options, "_NOTED", set())  # notes are said once per process
     assert fast_config(TrainConfig()) == FastConfig()
     ref = resolve(fast_config(TrainConfig(reference=True)), CPU)
     assert (ref.dtype, ref.compile, ref.fused, ref.channels_last) == (None, False, False, False)

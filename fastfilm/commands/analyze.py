@@ -24,10 +24,10 @@ from fastfilm.config import AnalyzeConfig
 from fastfilm.analysis.film_stats import (NONE, FiLMTap, accuracy_by, embed, film_statistics, make_ablations,
                                           resolve_embedding, run_pass, sample_rows)
 from fastfilm.analysis.steps import program_lengths, question_words
-from fastfilm.data.cache import SplitData, load_split, prepare
+from fastfilm.data.cache import SplitData
 from fastfilm.data.loader import Loader
-from fastfilm.engine.build import check_vocab_matches
 from fastfilm.engine.build import load as load_checkpoint_model
+from fastfilm.engine.build import split_for
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor
@@ -54,9 +54,7 @@ def load(cfg: AnalyzeConfig) -> Loaded:
     if getattr(model, "film_generator", None) is None:
         raise UserError(f"{cfg.run}: a {meta.get('arch', '?')} model without FiLM-ed blocks; analyze needs a FiLM "
                         "model (--arch film with at least one FiLM-ed block)")
-    cache = prepare(cfg.data, loaded.config.image_size, splits=(cfg.split,))
-    check_vocab_matches(loaded.vocab, cache, cfg.data)
-    return Loaded(model, meta, load_split(cache, cfg.split), Predictor(model, ex), device)
+    return Loaded(model, meta, split_for(loaded, cfg.data, cfg.split), Predictor(model, ex), device)
 
 
 def _noise_scales(text: str) -> tuple[float, ...]:

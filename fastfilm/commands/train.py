@@ -4,13 +4,15 @@ from __future__ import annotations
 import sys
 
 from fastfilm.config import TrainConfig, model_config, validate
-from fastfilm.engine import distributed
+from fastfilm.engine import distributed, finetune
 from fastfilm.engine.trainer import NonFiniteLoss, train
 
 
 def run(cfg: TrainConfig, model_overrides: dict | None = None) -> int:
     model_cfg = model_config(cfg.preset, **(model_overrides or {}))
     validate(model_cfg)
+    if cfg.init_from and model_overrides and not cfg.resume:
+        finetune.check_model_flags(finetune.load_init(cfg.init_from), model_overrides)
     try:
         metrics = train(cfg, model_cfg)
     except NonFiniteLoss as e:

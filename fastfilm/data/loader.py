@@ -18,6 +18,10 @@ image's questions, cuts them into chunks of at most k, shuffles the chunks and f
 with them. A batch then carries each distinct image once (`images` [M, ...], M <= B) and
 `image_index` maps questions to those rows, so the model's stem runs once per image
 instead of once per question (its share of a step's compute: docs/data.md).
+
+A split of a features cache (data/features.py) is served the same way, with each image's
+precomputed feature [C, H, W] (float16/float32, as stored) in place of its pixels: rows are
+read from the feature file per batch, never the whole file (unless resident: then once).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 from fastfilm.data.cache import SplitData
+from fastfilm.data.features import FeatureView
 from fastfilm.errors import UserError
 
 # --resident auto keeps a split on the GPU when it takes at most this share of the free
@@ -40,8 +45,9 @@ RESIDENT_SHARE = 0.5
 @dataclass
 class Batch:
     """B questions about M <= B images. `images` is a channels_last view of NHWC uint8 (no copy,
-    no normalisation); without grouping M = B and image_index is arange(B)."""
-    images: torch.Tensor     # [M, 3, S, S] uint8, channels_last
+    no normalisation), or for a features split the features as stored; without grouping M = B
+    and image_index is arange(B)."""
+    images: torch.Tensor     # [M, 3, S, S] uint8, channels_last; features: [M, C, H, W] float16/float32
     questions: torch.Tensor  # [B, L'] int64, 0-padded
     lengths: torch.Tensor    # [B] int64, tokens including <START> and <END>
     answers: torch.Tensor    # [B] int64, -1: no answer (test split)
@@ -69,7 +75,8 @@ def resident_bytes(split: SplitData, limit: int = 0) -> int:
     """Bytes a resident Loader of `split` puts on its device: images and per-question arrays."""
     n = min(limit, len(split)) if limit > 0 else len(split)
     per_question = sum(getattr(split, name)[:1].nbytes for name in _PER_QUESTION)
-    return int(split.images.nbytes + n * per_question)
+    images = int(np.prod(split.images.shape)) * np.dtype(split.images.dtype).itemsize  # a FeatureView has no nbytes
+    return images + n * per_question
 
 
 def resident_decision(mode: str, device: torch.device, nbytes: int, what: str) -> tuple[bool, str]:
@@ -157,18 +164,23 @@ class Loader:
         self.families = torch.from_numpy(np.array(split.families[:n]))
         self.image_index = np.array(split.image_index[:n])
         self.cuda = self.device.type == "cuda"
+        self.features = split.input == "features"
         self.images = split.images
         self.resident = resident
         if resident:
-            self.images_resident = self._upload(split.images)  # [I, S, S, 3] uint8 on the device
+            # [I, S, S, 3] uint8 (features: [I, C, H, W] as stored) on the device, read once.
+            self.images_resident = self._upload(split.images)
             # Per-question arrays on the device; the host copies above stay for what the host decides.
             self.on_device = {name: getattr(self, name).to(self.device) for name in _PER_QUESTION}
 
-    def _upload(self, images: np.ndarray, chunk: int = 1024) -> torch.Tensor:
-        """The whole [I, S, S, 3] array on the device, copied in chunks (no second host copy)."""
-        out = torch.empty(images.shape, dtype=torch.uint8, device=self.device)
+    def _upload(self, images: np.ndarray | FeatureView, chunk: int = 1024) -> torch.Tensor:
+        """The whole [I, ...] image (or feature) array on the device, copied in chunks (no second host copy)."""
+        dtype = torch.from_numpy(np.zeros(0, images.dtype)).dtype
+        out = torch.empty(images.shape, dtype=dtype, device=self.device)
         for i in range(0, len(images), chunk):
-            out[i:i + chunk] = torch.from_numpy(np.array(images[i:i + chunk]))
+            rows = np.arange(i, min(i + chunk, len(images)))
+            block = images.take(rows) if isinstance(images, FeatureView) else np.array(images[i:i + chunk])
+            out[i:i + chunk] = torch.from_numpy(block)
         return out
 
     def __len__(self) -> int:
@@ -258,13 +270,17 @@ class Loader:
             q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
         img_rows, inverse = self._image_rows(rows)
         image_index = torch.arange(len(rows)) if inverse is None else torch.from_numpy(inverse)
-        s = self.images.shape[1]
-        buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
-        np.take(self.images, img_rows, axis=0, out=buf.numpy())
+        if self.features:
+            images = self._gather_features(img_rows, pin)
+        else:
+            s = self.images.shape[1]
+            buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
+            np.take(self.images, img_rows, axis=0, out=buf.numpy())
+            images = buf.permute(0, 3, 1, 2)
         small = [q, self.lengths[idx], self.answers[idx], self.types[idx], self.families[idx], idx, image_index]
         if pin:  # images were gathered straight into pinned memory
             small = [t.pin_memory() for t in small]
-        return Batch(buf.permute(0, 3, 1, 2), *small)
+        return Batch(images, *small)
 
     def _resident(self, rows: list[np.ndarray]) -> Iterator[Batch]:
         """Batches built on the device from the resident arrays (see the module docstring).
@@ -292,10 +308,22 @@ class Loader:
             q = d["questions"][idx, : min(width, self.questions.shape[1])]
             if q.shape[1] < width:  # a bucket longer than every question of the split
                 q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
-            images = flat.index_select(0, img_rows).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
+            if self.features:  # [M, C, H, W] as stored
+                images = self.images_resident.index_select(0, img_rows)
+            else:
+                images = flat.index_select(0, img_rows).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
             image_index = pieces[2 * k + i] if grouped else torch.arange(len(idx), device=self.device)
             yield Batch(images, q, d["lengths"][idx], d["answers"][idx], d["types"][idx], d["families"][idx], idx,
                         image_index)
+
+    def _gather_features(self, img_rows: np.ndarray, pin: bool) -> torch.Tensor:
+        """[M, C, H, W] features of image rows [M], as stored (float16/float32), on the host."""
+        if isinstance(self.images, FeatureView):
+            block = self.images.take(img_rows)
+        else:
+            block = np.take(self.images, img_rows, axis=0)
+        out = torch.from_numpy(block)
+        return out.pin_memory() if pin else out
 
     def _prefetched(self, rows: list[np.ndarray], pin: bool) -> Iterator[Batch]:
         """Batches gathered by a background thread, `prefetch` ahead of the consumer."""

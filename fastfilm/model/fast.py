@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastfilm.config import ModelConfig
+from fastfilm.model.freeze import Freezable
 from fastfilm.model.reference import (Classifier, FiLMGenerator, Stem, build_block, coord_map, parse_film_blocks,
                                       per_question)
 from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual, film_relu_residual
@@ -151,7 +152,7 @@ def is_paper_block(cfg: ModelConfig, filmed: bool) -> bool:
     return filmed and cfg.film_position == "after_bn" and cfg.batchnorm and cfg.residual
 
 
-class FastFiLMNet(nn.Module):
+class FastFiLMNet(Freezable):
     """FiLMNet's parameters and function, computed with the fast path (see module docstring).
 
     Inputs and output as FiLMNet: images [B, 3, S, S] uint8 (any memory format), questions
