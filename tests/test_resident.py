@@ -95,6 +95,26 @@ def test_resident_batches_equal_the_memory_mapped_ones(kind):
     assert list(resident.epoch(0, len(resident))) == []  # resumed after the last batch
 
 
+@pytest.mark.parametrize("group", [1, 3], ids=["independent", "grouped"])
+def test_resident_features_equal_the_file_reads(tmp_path, group):
+    """A features split (rows of a [N, C, H, W] float16 file, data/features.py) resident: the
+    same batches as reading the file per batch, features as stored."""
+    import numpy as np
+
+    from fastfilm.data.features import FeatureFile, FeatureView
+
+    base = synthetic(q=103, n_images=20)
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).standard_normal((23, 5, 3, 2)).astype(np.float16))
+    split = dataclasses.replace(base, images=FeatureView(FeatureFile(tmp_path / "f.npy"), np.arange(20)[::-1] + 3))
+    kw = dict(shuffle=True, seed=1, group=group, image_multiple=8 if group > 1 else 0)
+    assert resident_bytes(split) == 20 * 5 * 3 * 2 * 2 + 103 * (split.questions[0].nbytes + 4 * 8)
+    resident, read = Loader(split, 16, resident=True, **kw), Loader(split, 16, **kw)
+    for a, b in zip(resident.epoch(2), read.epoch(2), strict=True):
+        assert a.images.dtype == torch.float16 and a.images.shape[1:] == (5, 3, 2)
+        for f in dataclasses.fields(Batch):
+            assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+
+
 def test_resident_epoch_reads_no_device_value_on_the_host():
     """On meta tensors (shapes, no values) any .item()/.tolist()/.numpy() of a device tensor
     raises: building every batch of an epoch on the device does none, grouped or not."""
@@ -139,14 +159,36 @@ def test_the_build_log_says_which_device_decodes_png_and_jpeg():
     assert decode.describe_decoding("dali", "gpu", 4).startswith("DALI 'mixed' on GPU 0")
 
 
-def test_a_cache_build_logs_its_decoding(generated_clevr, tmp_path, capsys):
-    from fastfilm.data.cache import prepare
+def test_a_cache_build_records_its_decoding(generated_clevr, tmp_path, capsys):
+    """Every build keeps the line in meta.json and `preprocess` prints it; stderr gets it only
+    when decoding is split across devices (a user error's one line stays alone otherwise)."""
+    from fastfilm.cli import main
+    from fastfilm.data.cache import read_meta
 
-    prepare(generated_clevr, 8, cache=tmp_path / "cache", splits=("val",), decoder="pillow", workers=1)
+    assert main(["preprocess", str(generated_clevr), "--image-size", "8", "--cache", str(tmp_path / "c"),
+                 "--splits", "val", "--decoder", "pillow", "--workers", "1"]) == 0
+    out = capsys.readouterr()
+    line = "Pillow on the CPU (1 thread): PNG and JPEG decoded and resized on the CPU"
+    assert read_meta(tmp_path / "c")["decoding"] == line and line in out.out and "building cache" not in out.err
+
+
+def test_a_mixed_dali_build_says_which_device_decodes_what(generated_clevr, tmp_path, capsys, monkeypatch):
+    """The build with DALI's 'mixed' pipeline (what training on a GPU asks for), run here with
+    the decoder replaced (no GPU, maybe no DALI): the line is said and recorded."""
+    from fastfilm.data import cache
+
+    def fake_decode(paths, size, out, **kw):
+        assert (kw["backend"], kw["device"]) == ("dali", "gpu:0")
+        out[:] = 0
+        return []
+    monkeypatch.setattr(cache, "resolve_backend", lambda decoder: "dali")
+    monkeypatch.setattr(cache, "decode_images", fake_decode)
+    path = cache.prepare(generated_clevr, 8, cache=tmp_path / "c", splits=("val",), decoder="dali", device="gpu:0",
+                         workers=2)
     err = capsys.readouterr().err
-    assert f"building cache {tmp_path / 'cache'}: Pillow on the CPU (1 thread)" in err
-    prepare(generated_clevr, 8, cache=tmp_path / "cache", splits=("val",), decoder="pillow", workers=1)
-    assert "building cache" not in capsys.readouterr().err  # reused: nothing decoded
+    expected = decode.describe_decoding("dali", "gpu:0", 2)
+    assert f"building cache {path}: {expected}" in err and cache.read_meta(path)["decoding"] == expected
+    assert "JPEG decoded on the GPU" in expected and "PNG on the CPU" in expected
 
 
 def test_training_on_a_gpu_builds_the_cache_with_dali_mixed():

@@ -418,8 +418,12 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
     backend = None if image_size == FEATURES else resolve_backend(decoder)
-    if backend is not None:  # a features cache decodes no image
-        print(f"fastfilm: building cache {target}: {describe_decoding(backend, device, workers)}", file=sys.stderr)
+    decoding = describe_decoding(backend, device, workers) if backend else None  # a features cache decodes none
+    if backend == "dali" and device != "cpu":
+        # Split across devices (JPEG on the GPU, PNG on the CPU): said when it starts. Kept in
+        # meta.json and `preprocess`'s summary in every case, never as a line that would
+        # precede a user error's one line.
+        print(f"fastfilm: building cache {target}: {decoding}", file=sys.stderr)
     questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
                  for s in present}
     vocab_source = "given"
@@ -450,7 +454,7 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
         meta = {"format": FORMAT, "version": VERSION, "source": str(data), "cache": str(target),
                 "input": FEATURES if features else "pixels", "image_size": None if features else image_size,
                 "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
-                "skip_bad": skip_bad, "decoder": backend, "built_s": round(time.time() - t0, 2),
+                "skip_bad": skip_bad, "decoder": backend, "decoding": decoding, "built_s": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits_meta}
         write_json(tmp / META, meta)  # last: only now is the directory a cache
         _swap_into_place(tmp, target)
@@ -544,7 +548,8 @@ def run(cfg) -> int:
                    decoder=cfg.decoder, device=cfg.device, skip_bad=cfg.skip_bad, workers=cfg.workers,
                    force=cfg.force, features=cfg.input == FEATURES)
     meta = read_meta(path)
-    served = (f"{meta['image_size']}px, decoder {meta['decoder']}" if _served(meta) != FEATURES
+    served = (f"{meta['image_size']}px, {meta.get('decoding') or 'decoder ' + meta['decoder']}"
+              if _served(meta) != FEATURES
               else "features read in place from " + ", ".join(sorted({i["features"]["file"]
                                                                      for i in meta["splits"].values()})))
     print(f"cache {path} ({served}, built in {meta['built_s']} s, ready in {time.time() - t0:.1f} s)")
