@@ -19,9 +19,10 @@ graphs' warm-up and recording):
   that does not hand its work to another such op, leaving out views, allocations and host
   reads (VIEWS below), plus every C++ kernel inductor generated (recorded by its
   `cpp.enable_kernel_profile`). A compiled graph fuses pointwise ops into such kernels.
-- Both: `host_reads`, tensor values read on the host (.item(), bool(), .tolist(): each a sync
-  on CUDA), and `gru`, the part of `kernels`/`launches` issued inside the GRU op
-  (fastfilm::gru_last_state and its backward).
+- Both: `host_reads`, tensor values read on the host (.item(), bool(): a sync when the tensor
+  is on the GPU; on the CPU, torch's fused Adam reads each parameter's step count this way),
+  with the op that read them; and `gru`, the part of `kernels`/`launches` issued inside the
+  GRU op (fastfilm::gru_last_state and its backward).
 
 The model: the preset's structure (layers, blocks, question length) at its own widths with
 --full-size, else at small widths (16 channels, 32 GRU units, 64 px): the same ops in the same
@@ -51,6 +52,7 @@ VIEWS = frozenset(f"aten::{n}" for n in (
     "result_type", "flatten", "unflatten", "movedim", "to", "_to_copy", "numpy_T", "is_nonzero", "item",
     "_has_compatible_shallow_copy_type", "record_stream", "size", "stride", "numel", "dim", "align_tensors"))
 HOST_READS = frozenset({"aten::_local_scalar_dense"})
+READ_WRAPPERS = frozenset({"aten::item", "aten::is_nonzero", "aten::_local_scalar_dense"})
 GRU_OPS = ("fastfilm::gru_last_state", "fastfilm::gru_last_state_backward")
 LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync",
                "cudaMemsetAsync", "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
@@ -80,9 +82,18 @@ def _in_gru(event) -> bool:
     return _under(event, lambda name: name in GRU_OPS)
 
 
+def _source(event) -> str:
+    """The nearest enclosing event that is not a host read's own wrapper (aten::item, ...)."""
+    e = event.cpu_parent
+    while e is not None and e.name in READ_WRAPPERS:
+        e = e.cpu_parent
+    return e.name if e is not None else "(top level)"
+
+
 def classify(events, device: torch.device) -> dict:
     """Counts from torch.profiler's events of one call (see the module docstring)."""
-    host_reads = sum(e.name in HOST_READS for e in events)
+    reads = [e for e in events if e.name in HOST_READS]
+    host_reads = {"count": len(reads), "from": dict(collections.Counter(_source(e) for e in reads))}
     if device.type == "cuda":
         launches = [e for e in events if e.name in LAUNCH_APIS]
         by_api = collections.Counter(e.name for e in launches)
@@ -91,6 +102,8 @@ def classify(events, device: torch.device) -> dict:
         return {"launches": len(launches), "by_api": dict(by_api), "gpu_kernels": len(kernels),
                 # Syncs issued by ops (an .item(), a blocking copy), not the profiler's own synchronize.
                 "host_syncs": sum(e.name in SYNC_APIS and _under(e, _is_op) for e in events),
+                "host_sync_sources": dict(collections.Counter(_source(e) for e in events
+                                                              if e.name in SYNC_APIS and _under(e, _is_op))),
                 "host_reads": host_reads, "gru": sum(_in_gru(e) for e in launches),
                 "top": collections.Counter(e.name for e in kernels).most_common(8)}
     work = set()
@@ -210,7 +223,7 @@ def main(argv=None) -> int:
             print(f"{name:18} skipped: {c['skipped']}")
             continue
         t, i = c["train_step"], c["inference_batch"]
-        reads = t["host_reads"] + i["host_reads"]
+        reads = t["host_reads"]["count"] + i["host_reads"]["count"]
         print(f"{name:18} {t[key]:11d} {t['gru']:7d} {i[key]:10d} {i['gru']:7d} {reads:11d}")
     default = Path(__file__).resolve().parent / "results" / f"launch_count_{device.type}.json"
     out = Path(args.json) if args.json else default
