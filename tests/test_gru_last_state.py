@@ -245,7 +245,9 @@ CUDA_CASES = {"large": (torch.randint(12, 47, (64,), generator=torch.Generator()
 # fp32 at the large size: cuDNN (nn.GRU) and cuBLAS (the op) sum up to L*B = 2944 products per weight
 # gradient element in different orders. Measured on the CPU (MKL-DNN against the op, fp32):
 # worst |err| / max|expected| 5.1e-7 over the state and every gradient; allowed: 1e-5 of each
-# tensor's largest element (20x, for other summation orders on the GPU).
+# tensor's largest element (20x, for other summation orders on the GPU). bf16 at this size
+# keeps BF16_STATE and BF16_GRAD: measured on the CPU (dense) 6.1e-3 for the state, 1.3e-2
+# for the gradients (the embedding table's the largest).
 LARGE_FP32 = 1e-5
 
 
