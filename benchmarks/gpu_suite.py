@@ -1,7 +1,7 @@
 """One command for the GPU: every CUDA check and measurement of fastfilm, in about 8 minutes.
 
     python benchmarks/gpu_suite.py --out benchmarks/results/      # on one H100/H200
-    python benchmarks/gpu_suite.py --dry-run                      # anywhere: the plan, every import and argument checked
+    python benchmarks/gpu_suite.py --dry-run                      # anywhere: the plan, imports and arguments checked
     python benchmarks/gpu_suite.py --readme benchmarks/results/gpu_suite.json   # the README's GPU section
 
 Parts run in this order, so that a cut-off still leaves the most important results, each in
@@ -174,8 +174,8 @@ def figures(key: str, data: dict) -> list[str]:
                  f"{_num(100 * fast['train_mfu'], 1) if 'train_mfu' in fast else 'n/a'}% "
                  f"({_num(_get(data, 'matmul_peak_tflops', 'bf16'))})"),
                 ("peak memory of a training step, MB", _num(fast.get("train_peak_memory_mb"))),
-                ("compile s (train + infer)", _num((fast.get("train_compile_s") or 0) + (fast.get("infer_compile_s") or 0),
-                                                   1))]
+                ("compile s (train + infer)",
+                 _num((fast.get("train_compile_s") or 0) + (fast.get("infer_compile_s") or 0), 1))]
         return ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     if key == "d_gru":
         lines = ["| benchmark | median ms |", "|---|---|"]
@@ -283,7 +283,8 @@ def run(parts: list[Part], out: Path, budget_s: float) -> dict:
                 entry["figures"] = [f"(could not summarise {p.output}: {type(e).__name__}: {e})"]
         summary["parts"].append(entry)
         summary["seconds"] = time.monotonic() - t0
-        print(f"{p.key}: {entry['status']}" + (f" in {entry['seconds']:.0f} s" if "seconds" in entry else ""), flush=True)
+        took = f" in {entry['seconds']:.0f} s" if "seconds" in entry else ""
+        print(f"{p.key}: {entry['status']}{took}", flush=True)
         write_json(out / "gpu_suite.json", summary)
         atomic_write(out / "gpu_suite.md", lambda tmp, text=section(summary) + "\n": Path(tmp).write_text(text))
     return summary
@@ -292,7 +293,8 @@ def run(parts: list[Part], out: Path, budget_s: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results", help="directory for the parts' JSON and the summary")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and check every part's imports and arguments")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the plan and check every part's imports and arguments")
     ap.add_argument("--readme", type=Path, default=None, metavar="GPU_SUITE_JSON",
                     help="print the README's GPU section from a gpu_suite.json and exit")
     ap.add_argument("--only", default="", help="comma-separated part keys or letters to run (e.g. a,b)")

@@ -72,7 +72,8 @@ def closure(fn, shape, dtype: torch.dtype, layout: str, mode: str, device: str):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     grad = mode == "train_fwd_bwd"
     acts = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
-    acts += [1 + 0.5 * torch.randn(N, C, device=device, dtype=dtype), 0.5 * torch.randn(N, C, device=device, dtype=dtype)]
+    acts += [1 + 0.5 * torch.randn(N, C, device=device, dtype=dtype),      # gamma
+             0.5 * torch.randn(N, C, device=device, dtype=dtype)]          # beta
     acts = [t.requires_grad_(grad) for t in acts]
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     training = mode != "eval_fwd"
@@ -92,44 +93,45 @@ def copy_closure(nbytes: int, dtype: torch.dtype, device: str):
     return lambda: dst.copy_(src)
 
 
-def fused_op(args) -> int:
-    if args.dry_run:
-        # Every code path once on the CPU at a small shape: the torch backend stands in for
-        # Triton, eager for compile (compiling here would only time the CPU's compiler).
-        for shape, dtype, layout, mode in cases():
-            small = (2, 4, 3, 3)
-            for fn in (unfused, fused("torch")):
-                closure(fn, small, DTYPES[dtype], layout, mode, "cpu")()
-            copy_closure(min_bytes(small, DTYPES[dtype], mode), DTYPES[dtype], "cpu")()
-        print(f"fused-op: {len(cases())} cases, candidates triton / eager_unfused / compiled_unfused / copy")
-        return 0
-    if not torch.cuda.is_available():
-        raise UserError("fused-op: needs a CUDA device (use --dry-run on a CPU)")
-    from triton.testing import do_bench
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    torch._dynamo.config.cache_size_limit = 64  # one compiled graph per case: never fall back to eager
-    # Static shapes: after a shape change dynamo would otherwise compile a dynamic-shape kernel.
-    compiled = torch.compile(unfused, fullgraph=True, dynamic=False)
-    candidates = {"triton": fused("triton"), "eager_unfused": unfused, "compiled_unfused": compiled}
-    deadline = time.monotonic() + args.max_seconds
+
+def _cpu_timer(call) -> tuple[float, float, float]:
+    """(median, q1, q3) ms of 5 calls: the dry run's stand-in for do_bench."""
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return samples[2], samples[1], samples[3]
+
+
+def measure(case_list, candidates: dict, device: str, bench, max_seconds: float, json_path: Path | None,
+            what: str) -> list[dict]:
+    """Times every candidate and a same-bytes copy on each case; `bench(call)` returns
+    (median, q1, q3) in ms. Rewrites `json_path` after each case."""
+    deadline = time.monotonic() + max_seconds
     results = []
-    for shape, dname, layout, mode in cases():
+    for shape, dname, layout, mode in case_list:
         if time.monotonic() > deadline:
-            print(f"fused-op: --max-seconds {args.max_seconds} reached, {len(results)} of {len(cases())} cases")
+            print(f"fused-op: {max_seconds:.0f} s reached, {len(results)} of {len(case_list)} cases measured")
             break
         dtype = DTYPES[dname]
         nbytes = min_bytes(shape, dtype, mode)
-        calls = {name: closure(fn, shape, dtype, layout, mode, "cuda") for name, fn in candidates.items()}
-        calls["copy"] = copy_closure(nbytes, dtype, "cuda")
+        calls = {name: closure(fn, shape, dtype, layout, mode, device) for name, fn in candidates.items()}
+        calls["copy"] = copy_closure(nbytes, dtype, device)
         first = {}
         for name, call in calls.items():  # compilation, JIT and autotuning outside the timing
             t0 = time.perf_counter()
             call()
-            torch.cuda.synchronize()
+            _sync(device)
             first[name] = round(time.perf_counter() - t0, 3)
         times = {}
         for name, call in calls.items():
-            med, q1, q3 = do_bench(call, quantiles=[0.5, 0.25, 0.75])
+            med, q1, q3 = bench(call)
             times[name] = {"median_ms": med, "q1_ms": q1, "q3_ms": q3}
         gbs = {name: nbytes / (t["median_ms"] / 1e3) / 1e9 for name, t in times.items()}
         results.append({"shape": list(shape), "dtype": dname, "layout": layout, "mode": mode, "min_bytes": nbytes,
@@ -140,8 +142,31 @@ def fused_op(args) -> int:
         r = results[-1]
         print(f"{'x'.join(map(str, shape))} {dname} {layout} {mode}: " + ", ".join(
             f"{k} {r['gb_per_s'][k]} GB/s ({r['of_copy'][k]:.0%} of copy)" for k in calls), flush=True)
-        write_json(args.json, {"machine": machine(), "what": "GB/s on the op's minimum bytes; of_copy: fraction "
-                               "of a same-bytes copy's GB/s; triton.testing.do_bench medians", "cases": results})
+        if json_path:
+            write_json(json_path, {"machine": machine(), "what": what, "cases": results})
+    return results
+
+
+def fused_op(args) -> int:
+    if args.dry_run:
+        # Every code path on the CPU at a small shape: the torch backend stands in for Triton
+        # and eager for torch.compile (compiling here would only time the CPU's compiler).
+        small = [((2, 4, 3, 3), d, lay, m) for _, d, lay, m in cases()]
+        stand_ins = {"triton": fused("torch"), "eager_unfused": unfused, "compiled_unfused": unfused}
+        measure(small, stand_ins, "cpu", _cpu_timer, 600, args.json, "DRY RUN on the CPU: stand-ins, not a result")
+        print(f"fused-op: {len(cases())} cases, candidates triton / eager_unfused / compiled_unfused / copy")
+        return 0
+    if not torch.cuda.is_available():
+        raise UserError("fused-op: needs a CUDA device (use --dry-run on a CPU)")
+    from triton.testing import do_bench
+
+    torch._dynamo.config.recompile_limit = 64  # one compiled graph per case: never fall back to eager
+    # Static shapes: after a shape change dynamo would otherwise compile a dynamic-shape kernel.
+    compiled = torch.compile(unfused, fullgraph=True, dynamic=False)
+    candidates = {"triton": fused("triton"), "eager_unfused": unfused, "compiled_unfused": compiled}
+    measure(cases(), candidates, "cuda", lambda call: tuple(do_bench(call, quantiles=[0.5, 0.25, 0.75])),
+            args.max_seconds, args.json,
+            "GB/s on the op's minimum bytes; of_copy: fraction of a same-bytes copy's GB/s; triton.testing.do_bench")
     return 0
 
 
@@ -170,9 +195,11 @@ def _images(root: Path, count: int, width: int, height: int) -> tuple[list[Path]
 
 
 def decode(args) -> int:
+    import statistics
+
     import numpy as np
 
-    from fastfilm.data.decode import dali_available, decode_images
+    from fastfilm.data.decode import DaliDecoder, dali_available, decode_images, default_workers, read_encoded
 
     if not dali_available():
         raise UserError("decode: nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
@@ -185,26 +212,41 @@ def decode(args) -> int:
     with tempfile.TemporaryDirectory(prefix="fastfilm_gpu_decode_") as tmp:
         pngs, jpgs = _images(Path(tmp), count, width, height)
         for fmt, paths in (("png", pngs), ("jpeg", jpgs)):
+            encoded = [read_encoded(p) for p in paths]
             ref = None
             for backend, device in backends:
                 out = np.zeros((len(paths), size, size, 3), np.uint8)
-                decode_images(paths, size, out, backend=backend, device=device, batch_size=len(paths))  # warm-up
-                t0 = time.perf_counter()
-                decode_images(paths, size, out, backend=backend, device=device, batch_size=len(paths))
-                seconds = time.perf_counter() - t0
+                build_s = 0.0
+                if backend == "pillow":
+                    def run(out=out, paths=paths):
+                        decode_images(paths, size, out, backend="pillow")
+                else:  # the pipeline is built once, apart from the timing
+                    t0 = time.perf_counter()
+                    decoder = DaliDecoder(size, len(paths), default_workers(), device)
+                    build_s = time.perf_counter() - t0
+
+                    def run(out=out, decoder=decoder, encoded=encoded):
+                        out[:] = decoder(encoded)
+                run()  # warm-up
+                seconds = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    run()
+                    seconds.append(time.perf_counter() - t0)
                 ref = out.copy() if ref is None else ref
                 results.append({"format": fmt, "backend": backend, "device": device, "images": len(paths),
-                                "images_per_s": len(paths) / seconds,
+                                "images_per_s": len(paths) / statistics.median(seconds), "build_s": build_s,
                                 "mean_abs_diff_vs_pillow": float(np.abs(out.astype(int) - ref).mean()),
                                 "decoded_on": "GPU (nvJPEG)" if (device == "gpu" and fmt == "jpeg") else "CPU"})
                 r = results[-1]
                 print(f"{fmt} {backend}/{device}: {r['images_per_s']:.0f} images/s, decoded on {r['decoded_on']}, "
                       f"mean |diff| vs Pillow {r['mean_abs_diff_vs_pillow']:.3f}", flush=True)
+    what = "median of 3 decodes of all images after a warm-up; DALI pipeline built apart"
+    if args.json:
+        write_json(args.json, {"machine": machine(), "size": size, "source": f"{width}x{height} generated images",
+                               "what": ("DRY RUN on the CPU: " if args.dry_run else "") + what, "results": results})
     if args.dry_run:
         print(f"decode: generator, Pillow and DALI (cpu) ran on {count} images; on a GPU also DALI mixed")
-        return 0
-    write_json(args.json, {"machine": machine(), "size": size, "source": f"{width}x{height} generated images",
-                           "results": results})
     return 0
 
 
@@ -217,7 +259,8 @@ def main(argv=None) -> int:
     d.add_argument("--images", type=int, default=32, help="generated images to decode")
     for p in (f, d):
         p.add_argument("--json", type=Path, default=None, help="write the results here")
-        p.add_argument("--dry-run", action="store_true", help="check imports and code paths on the CPU")
+        p.add_argument("--dry-run", action="store_true",
+                       help="run every code path on the CPU (small inputs, stand-ins for the GPU candidates)")
     args = ap.parse_args(argv)
     if not args.dry_run and args.json is None:
         ap.error("--json is required (except with --dry-run)")

@@ -12,6 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_suite  # noqa: E402
 
+from fastfilm.data.decode import dali_available  # noqa: E402
+
 
 def test_plan_order_and_budget(tmp_path):
     parts = gpu_suite.plan(tmp_path)
@@ -133,3 +135,19 @@ def test_check_script_sees_function_local_imports(tmp_path):
     script.write_text(body + "def main():\n    import fastfilm.no_such_module\n")
     with pytest.raises(ModuleNotFoundError):
         gpu_suite.check_script(script, [])
+
+
+def test_own_parts_dry_runs_feed_the_summary(tmp_path):
+    """Parts b and e run every code path on the CPU with --dry-run; their JSON renders."""
+    import gpu_suite_parts
+
+    assert gpu_suite_parts.main(["fused-op", "--dry-run", "--json", str(tmp_path / "b.json")]) == 0
+    lines = gpu_suite.figures("b_fused_op", json.loads((tmp_path / "b.json").read_text()))
+    assert len(lines) == 2 + len(gpu_suite_parts.cases()) == 26
+    assert lines[2].startswith("| 2x4x3x3 | bf16 | channels_last | train_fwd_bwd |")
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    assert gpu_suite_parts.main(["decode", "--dry-run", "--json", str(tmp_path / "e.json")]) == 0
+    lines = gpu_suite.figures("e_decode", json.loads((tmp_path / "e.json").read_text()))
+    rows = {tuple(line.split(" | ")[:2]) for line in lines[2:]}
+    assert {("| png", "pillow/cpu"), ("| png", "dali/cpu"), ("| jpeg", "pillow/cpu"), ("| jpeg", "dali/cpu")} <= rows
