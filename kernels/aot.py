@@ -253,6 +253,7 @@ def _short(value) -> str:
 
 def specialise(module, launches: list[Launch], arch: Arch) -> list[Spec]:
     """The distinct compilations `launches` need on `arch` (autotuned kernels: every config)."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.autotuner import Autotuner
@@ -269,8 +270,9 @@ def specialise(module, launches: list[Launch], arch: Arch) -> list[Spec]:
             binders[launch.kernel] = create_function_from_signature(fn.signature, fn.params, backend)
         for extra in configs:
             # What JITFunction.run adds before binding.
-            kwargs = {**launch.kwargs, **extra, "debug": bool(fn.debug), "instrumentation_mode": "",
-                      "fpsan_homomorphic_casts": False}
+            kwargs = {**launch.kwargs, **extra, "debug": bool(fn.debug or knobs.runtime.debug),
+                      "instrumentation_mode": knobs.compilation.instrumentation_mode,
+                      "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
             bound, specialization, options = binders[launch.kernel](*launch.args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
             key = (launch.kernel, repr(signature), repr(constexprs), repr(attrs), repr(options))

@@ -2,9 +2,9 @@
 every specialisation the op launches, without spilling registers (fastfilm.kernels.aot).
 
 No GPU needed: Triton compiles ahead of time for a target and cuobjdump reads the cubin. The
-CI set is FiLM's shape (64x128x14x14) in every dtype, layout and mode, on both archs: about
-480 compilations, ~80 s of CPU cold on two idle cores, a few seconds once Triton's cache
-(~/.triton/cache) holds them. FASTFILM_AOT_ALL_SHAPES=1 adds every shape of
+CI set is FiLM's shape (64x128x14x14) in every dtype, layout and mode, on both archs: 480
+compilations, about 160 s of CPU cold (~80 s on two idle cores: a process per core), under
+20 s once Triton's cache (~/.triton/cache) holds them. FASTFILM_AOT_ALL_SHAPES=1 adds every shape of
 aot.BN_FILM_SHAPES (the other shapes change which ints Triton sees divisible by 16).
 """
 import os
