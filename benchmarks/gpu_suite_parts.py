@@ -1,6 +1,6 @@
 """The GPU suite's own measurements (benchmarks/gpu_suite.py parts b and e), each a subcommand.
 
-    python benchmarks/gpu_suite_parts.py fused-op --json OUT.json [--max-seconds 90]
+    python benchmarks/gpu_suite_parts.py fused-op --json OUT.json [--max-seconds S]
     python benchmarks/gpu_suite_parts.py decode --json OUT.json
     python benchmarks/gpu_suite_parts.py {fused-op,decode} --dry-run     # on a CPU: imports and code paths
 
