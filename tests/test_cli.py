@@ -1,4 +1,5 @@
 """The CLI is derived from the config dataclasses one to one."""
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 
 from fastfilm import config as C
-from fastfilm.cli import COMMANDS, build_parser, split_namespace
+from fastfilm.cli import COMMANDS, MODEL_FLAGS_FOR, build_parser, split_namespace
 
 POSITIONAL = {"generate": ["OUT"], "preprocess": ["DATA"], "train": ["DATA"], "eval": ["CKPT", "DATA"],
               "answer": ["CKPT"], "quickstart": []}
@@ -25,9 +26,15 @@ def test_cli_defaults_equal_dataclass_defaults(command):
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_field_is_a_flag_with_help(command):
-    cls = COMMANDS[command][0]
-    for f in dataclasses.fields(cls):
-        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices[command]._actions}
+    classes = [COMMANDS[command][0], *([C.ModelConfig] if command in MODEL_FLAGS_FOR else [])]
+    for f in (f for cls in classes for f in dataclasses.fields(cls)):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+        action = actions[f.name]
+        assert action.help.startswith(f.metadata["help"]), f.name
+        if not f.metadata.get("positional"):
+            assert action.option_strings[0] == "--" + f.name.replace("_", "-"), f.name
 
 
 def test_model_flags_override_preset():
