@@ -38,8 +38,8 @@ def test_quickstart_prints_the_table_and_writes_results(tmp_path, capsys):
     out = tmp_path / "qs"
     code = main(["quickstart", "--out", str(out), "--train-images", "8", "--val-images", "3",
                  "--questions-per-image", "4", "--image-width", "48", "--image-height", "32",
-                 "--preset", "tiny", "--film-minutes", "0.02", "--cnn-gru-minutes", "0.01", "--question-only-minutes", "0.01", "--epochs", "1",
-                 "--reference"])
+                 "--preset", "tiny", "--film-minutes", "0.02", "--cnn-gru-minutes", "0.01",
+                 "--question-only-minutes", "0.01", "--epochs", "1", "--reference"])
     assert code == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["rows"]

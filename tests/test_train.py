@@ -42,7 +42,7 @@ def val_report(metrics: dict) -> dict:
 def test_tiny_run_overfits_to_100_percent(generated_clevr, tmp_path):
     """48 training questions in one full batch: the trainer memorises them. A task it learns
     for sure, not a close call: with seeds 0-3 the same model reached 100% on the training
-    questions after 29-37 of the 60 epochs and stayed there."""
+    questions after 29-37 of the 60 epochs and stayed there (seed 0 with AVX2 kernels: 41)."""
     from fastfilm.data.cache import load_split, prepare
     from fastfilm.data.loader import Loader
     from fastfilm.evaluate import accuracy_report, predict
@@ -70,7 +70,7 @@ def test_metrics_files(generated_clevr, tmp_path, capsys, monkeypatch):
     assert [l["epoch"] for l in lines] == [1, 2] and all(l["complete_epoch"] for l in lines)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
-    assert (saved["epochs"], saved["steps"], saved["stopped"], saved["arch"]) == (2, lines[-1]["step"], "epochs", "film")
+    assert (saved["epochs"], saved["steps"], saved["stopped"]) == (2, lines[-1]["step"], "epochs")
     accuracies = [l["val_accuracy"] for l in lines]
     best = lines[accuracies.index(max(accuracies))]
     assert (saved["best_epoch"], saved["val_accuracy"], saved["per_type"]) == (
