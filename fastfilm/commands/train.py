@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from fastfilm.config import TrainConfig, model_config, validate
+from fastfilm.config import TrainConfig, model_config, validate, validate_training
 from fastfilm.engine import distributed
 from fastfilm.engine.trainer import NonFiniteLoss, train
 
@@ -11,6 +11,10 @@ from fastfilm.engine.trainer import NonFiniteLoss, train
 def run(cfg: TrainConfig, model_overrides: dict | None = None) -> int:
     model_cfg = model_config(cfg.preset, **(model_overrides or {}))
     validate(model_cfg)
+    validate_training(cfg, model_cfg)
+    if cfg.resume and model_overrides:
+        flags = ", ".join("--" + name.replace("_", "-") for name in model_overrides)
+        distributed.note(f"--resume {cfg.resume} keeps the run's model; ignored: {flags}")
     try:
         metrics = train(cfg, model_cfg)
     except NonFiniteLoss as e:
