@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from fastfilm.config import TrainConfig, model_config, validate
+from fastfilm.config import TrainConfig, model_config, validate, validate_training
 from fastfilm.engine import distributed, finetune
 from fastfilm.engine.trainer import NonFiniteLoss, train
 
@@ -11,8 +11,12 @@ from fastfilm.engine.trainer import NonFiniteLoss, train
 def run(cfg: TrainConfig, model_overrides: dict | None = None) -> int:
     model_cfg = model_config(cfg.preset, **(model_overrides or {}))
     validate(model_cfg)
+    validate_training(cfg, model_cfg)
     if cfg.init_from and model_overrides and not cfg.resume:
         finetune.check_model_flags(finetune.load_init(cfg.init_from), model_overrides)
+    if cfg.resume and model_overrides:
+        flags = ", ".join("--" + name.replace("_", "-") for name in model_overrides)
+        distributed.note(f"--resume {cfg.resume} keeps the run's model; ignored: {flags}")
     try:
         metrics = train(cfg, model_cfg)
     except NonFiniteLoss as e:
