@@ -60,8 +60,10 @@ class PreprocessConfig:
     image_size: int = _f(224, "square side the images are resized to (paper: 224)")
     splits: str = _f("train,val", "comma-separated splits to cache (those present)")
     vocab: str = _f("", "existing vocab.json to use instead of building one from the train split")
-    decoder: str = _f("auto", "image decoder: dali, pillow, or auto (DALI when installed)",
-                      choices=("auto", "dali", "pillow"))
+    decoder: str = _f("auto", "image decoder: pillow; dali (DALI decodes and resizes); dali+pillow (DALI decodes, "
+                      "Pillow resizes: Pillow's pixels); auto (the fastest measured on this kind of machine for "
+                      "the size, said in one line; Pillow where none was measured)",
+                      choices=("auto", "dali", "dali+pillow", "pillow"))
     device: str = _f("cpu", "DALI device: cpu, or gpu for a 'mixed' pipeline (JPEG decodes on the GPU, PNG on the CPU)",
                      choices=("cpu", "gpu"))
     skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfilm.data import reader
-from fastfilm.data.decode import decode_images, resolve_backend
+from fastfilm.data.decode import choose_decoder, decode_images
 from fastfilm.data.vocab import SPECIAL_TOKENS, UNK, Vocab, tokenize
 from fastfilm.atomic import current_umask, write_json
 from fastfilm.errors import UserError
@@ -365,7 +365,10 @@ def _needs_answers(split: str) -> bool:
 def _build(data: Path, target: Path, image_size: int, present: list[str], sources: dict,
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
-    backend = resolve_backend(decoder)
+    choice = choose_decoder(decoder, image_size, device=device)
+    backend = choice.backend
+    if decoder == "auto":
+        print(f"fastfilm: {choice.why}", file=sys.stderr)
     questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
                  for s in present}
     vocab_source = "given"
