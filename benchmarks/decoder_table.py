@@ -66,17 +66,22 @@ def build(results: Path = RESULTS) -> dict:
             kind, (about, ratios) = LEGACY[f.name], _from_legacy(record)
         else:
             kind, about, ratios = _from_pytest_benchmark(record)
-        entry = machines.setdefault(kind, {"sources": [], "sizes": {}, "_sets": {}})
-        entry["sources"].append({"file": f.relative_to(REPO).as_posix(), **about})
+        entry = machines.setdefault(kind, {"sources": [], "sizes": {}, "measured_in": {}, "_sets": {}})
+        name = f.relative_to(REPO).as_posix()
+        entry["sources"].append({"file": name, **about})
         for (size, image_set), by_backend in ratios.items():
             entry["_sets"].setdefault(size, {})[image_set] = by_backend
+            entry["measured_in"].setdefault(str(size), [])
+            if name not in entry["measured_in"][str(size)]:
+                entry["measured_in"][str(size)].append(name)
     for entry in machines.values():
         for size, sets in sorted(entry.pop("_sets").items()):
             backends = set.intersection(*(set(b) for b in sets.values()))
             entry["sizes"][str(size)] = {
                 b: round(math.exp(sum(math.log(s[b]) for s in sets.values()) / len(sets)), 3) for b in sorted(backends)}
             entry["image_sets"] = sorted(set(entry.get("image_sets", [])) | set(sets))
-        entry["source"] = ", ".join(s["file"] for s in entry["sources"])
+        entry["measured_in"] = {size: ", ".join(files) for size, files in
+                                sorted(entry["measured_in"].items(), key=lambda kv: int(kv[0]))}
     return {"about": "decode + resize rate of each decoder relative to Pillow's, per machine kind and output side; "
                      "written by benchmarks/decoder_table.py from the files named in each entry's sources "
                      "(do not edit by hand)",

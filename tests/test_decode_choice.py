@@ -19,7 +19,7 @@ from fastfilm.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 needs_dali = pytest.mark.skipif(not decode.dali_available(), reason="nvidia-dali not installed")
 
-SPEEDS = {"cpu-test": {"source": "benchmarks/results/preprocess_cpu-test.json", "sizes": {
+SPEEDS = {"cpu-test": {"measured_in": {"128": "benchmarks/results/preprocess_cpu-test.json"}, "sizes": {
     "48": {"pillow": 1.0, "dali": 1.30, "dali+pillow": 1.10},
     "128": {"pillow": 1.0, "dali": 0.90, "dali+pillow": 1.20},
     "224": {"pillow": 1.0, "dali": 0.70, "dali+pillow": MARGIN - 0.01},
@@ -56,7 +56,7 @@ def test_auto_without_measurements_or_dali_is_pillow():
     assert unknown.backend == "pillow" and "no decode speeds measured on a cpu-other machine" in unknown.why
     assert choose(48, dali=False).backend == "pillow"
     assert "not installed" in choose(48, dali=False).why
-    only_pillow = {"cpu-test": {"source": "x", "sizes": {"64": {"pillow": 1.0}}}}
+    only_pillow = {"cpu-test": {"sizes": {"64": {"pillow": 1.0}}}}
     assert choose(64, speeds=only_pillow).backend == "pillow"
 
 
@@ -82,7 +82,7 @@ def test_committed_table_is_what_the_committed_results_say():
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     for kind, entry in load_speeds().items():
-        assert entry["source"] and entry["sizes"], kind
+        assert entry["sizes"] and set(entry["measured_in"]) == set(entry["sizes"]), kind
         for size, rates in entry["sizes"].items():
             assert rates["pillow"] == 1.0 and set(rates) <= set(decode.BACKENDS), (kind, size)
 

@@ -76,7 +76,8 @@ class DecoderChoice:
 
 
 def load_speeds(path: Path = SPEEDS) -> dict:
-    """machine kind -> {"source": results file, "sizes": {"64": {backend: rate / Pillow's rate}}}."""
+    """machine kind -> {"sizes": {"64": {backend: rate / Pillow's rate}}, "measured_in": {"64": results
+    file}, "sources": [what each results file was measured on]}."""
     try:
         return json.loads(Path(path).read_text())["machines"]
     except FileNotFoundError:
@@ -114,20 +115,21 @@ def choose_decoder(decoder: str, size: int | None, *, device: str = "cpu", kind:
     entry = (load_speeds() if speeds is None else speeds).get(kind)
     if not entry or not entry.get("sizes"):
         return DecoderChoice("pillow", f"decoder auto: pillow (no decode speeds measured on a {kind} machine; "
-                             "benchmarks/decoder_table.py adds them)")
+                             "benchmarks/bench_preprocess.py and decoder_table.py add them)")
     at = nearest_size([int(k) for k in entry["sizes"]], size)
     rates = entry["sizes"][str(at)]
+    source = entry.get("measured_in", {}).get(str(at), SPEEDS.name)
     where = f"on {kind} at {at} px" + ("" if at == size else f", the measured size nearest {size} px")
     best = max((b for b in rates if b != "pillow" and b in BACKENDS), key=rates.get, default=None)
     if best is None:
         return DecoderChoice("pillow", f"decoder auto: pillow for {size} px (no DALI decoder measured {where}; "
-                             f"{entry['source']})")
+                             f"{source})")
     if rates[best] < MARGIN:
         return DecoderChoice("pillow", f"decoder auto: pillow for {size} px (the fastest DALI decoder, {best}, "
                              f"measured {rates[best]:.2f}x Pillow's rate {where}, under the {MARGIN:g}x that "
-                             f"would pay; {entry['source']})")
+                             f"would pay; {source})")
     return DecoderChoice(best, f"decoder auto: {best} for {size} px ({rates[best]:.2f}x Pillow's rate {where}; "
-                         f"{entry['source']})")
+                         f"{source})")
 
 
 def _cpu_kind() -> str:
