@@ -115,6 +115,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def resolve_preset(preset: str, device_type: str) -> str:
+    """--preset as the preset that will be built: 'auto' is the paper's model on a GPU and the
+    `cpu` preset on anything else, where the paper's model trains too slowly to learn within
+    a session (README, "Choosing the cpu preset"); any other name stays as it is."""
+    if preset != "auto":
+        return preset
+    return "paper" if device_type == "cuda" else "cpu"
+
+
+def describe_preset(name: str) -> str:
+    """A preset's size in words, from PRESETS: '48 px, 3-layer stem, 32 channels, GRU 128'."""
+    c = model_config(name)
+    return f"{c.image_size} px, {c.stem_layers}-layer stem, {c.channels} channels, {c.num_blocks} ResBlocks, GRU {c.rnn_dim}"
+
+
 def model_config(preset: str = "paper", **overrides) -> ModelConfig:
     """The named preset with `overrides` (None values ignored) applied on top."""
     if preset not in PRESETS:
@@ -151,7 +166,8 @@ class TrainConfig(FastConfig):
     """`fastfilm train`: optimisation and run bookkeeping. Defaults are the paper's."""
     data: str = _f("", "CLEVR-layout directory or a cache built by `fastfilm preprocess`", positional=True)
     out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json")
-    preset: str = _f("paper", "model preset", choices=tuple(PRESETS))
+    preset: str = _f("auto", "model preset: paper, cpu, tiny, or auto (paper on a GPU, cpu on a CPU, said in one "
+                     "line)", choices=("auto", *PRESETS))
     epochs: int = _f(80, "maximum epochs (paper: at most 80)")
     batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64)")
     lr: float = _f(3e-4, "Adam learning rate for the global batch, world size x batch (paper: 3e-4)")

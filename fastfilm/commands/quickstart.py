@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from fastfilm.atomic import write_json
-from fastfilm.config import QuickstartConfig, model_config
+from fastfilm.config import QuickstartConfig, model_config, resolve_preset
 from fastfilm.data.cache import load_split, prepare
 from fastfilm.data.generate import run as generate
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.trainer import train
+from fastfilm.hardware import resolve_device
 from fastfilm.model import QTypeBaseline
 
 
@@ -50,8 +51,8 @@ def run(cfg: QuickstartConfig) -> int:
     out = Path(cfg.out)
     data = out / "data"
     _generate(cfg, data)
-    preset = model_config(cfg.train.preset)
-    cache = prepare(data, preset.image_size)
+    preset = resolve_preset(cfg.train.preset, resolve_device(cfg.train.device).type)
+    cache = prepare(data, model_config(preset).image_size)
     print(f"[quickstart] data ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     rows: dict[str, dict] = {"Q-type": _qtype(cache)}
@@ -66,7 +67,7 @@ def run(cfg: QuickstartConfig) -> int:
                       f"--max-total-minutes {cfg.max_total_minutes:g}", file=sys.stderr)
         tcfg = dataclasses.replace(cfg.train, data=str(cache), out=str(out / "runs" / arch), max_minutes=minutes)
         print(f"[quickstart] training {title} for up to {minutes:g} min", file=sys.stderr)
-        metrics = train(tcfg, model_config(cfg.train.preset, arch=arch))
+        metrics = train(tcfg, model_config(preset, arch=arch))
         rows[title] = {"accuracy": metrics["val_accuracy"], "per_type": metrics["per_type"]}
 
     table = format_table(rows)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
-from fastfilm.config import ModelConfig, TrainConfig, fast_config, train_config_from
+from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from
 from fastfilm.data.cache import load_split, load_vocab, prepare
 from fastfilm.data.loader import Batch, Loader
 from fastfilm.data.vocab import Vocab
@@ -318,4 +318,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
     """Train, evaluate on val each epoch, keep the best; returns the final metrics dict
     (the same on every rank under torchrun)."""
     with distributed.session(cfg.device, cfg.dist_timeout_s) as dctx:
+        # model_cfg is what is built; the run's files name the preset it came from, never 'auto'.
+        cfg = dataclasses.replace(cfg, preset=resolve_preset(cfg.preset, dctx.device.type))
         return Trainer(cfg, model_cfg, dctx, progress).run()
