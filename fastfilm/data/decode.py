@@ -21,7 +21,7 @@ Three ways to get there (`--decoder`):
   one but its cubic resize grows costlier than Pillow's with the output side.
 `auto` takes whichever was measured fastest for this machine kind at the nearest measured
 size (`choose_decoder`, the table in decoder_speeds.json, written by
-benchmarks/decoder_table.py from benchmarks/results/preprocess_<kind>.json; figures in
+benchmarks/decoder_table.py from benchmarks/results/preprocess_<kind>*.json; figures in
 docs/data.md), and says which in one line. Preprocessing runs once, so the choice only
 saves minutes on a large dataset.
 
