@@ -34,8 +34,11 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda120"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda120", "h5py", "tensorboard"],
         "plot": ["matplotlib"],
+        # HDF5 feature files (clevr-iep's train_features.h5); .npy features need nothing.
+        "features": ["h5py"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["fastfilm=fastfilm.cli:main"]},
 )

@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -149,3 +150,53 @@ def write_results_to(path: str | Path, payload: dict, *, device: str | None = No
     path = Path(path)
     write_json(path, {"machine": machine(device), **payload})
     return path
+
+
+# ------------------------------------------------------------ pytest-benchmark
+
+def synced_clock() -> float:
+    """time.perf_counter after waiting for CUDA's queue (when CUDA is in use): the clock
+    pytest-benchmark reads at both ends of a round (benchmarks/conftest.py sets it), so that
+    a round of several asynchronous calls ends when their kernels do, with one sync per round
+    rather than per call."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def add_machine(machine_info: dict) -> None:
+    """pytest_benchmark_update_machine_info: fastfilm's record of the machine and commit.
+    Without "threads": it is read before a benchmark's fixtures set their own, so each
+    benchmark records its thread count in extra_info instead."""
+    machine_info["fastfilm"] = {k: v for k, v in machine().items() if k != "threads"}
+
+
+def add_speedups(output_json: dict) -> None:
+    """pytest_benchmark_update_json: per benchmark group, every candidate's speed-up over the
+    group's baseline (baseline median / candidate median, and the same for the fastest
+    rounds, which preemption on a shared machine can only slow down). A benchmark names
+    itself and its baseline in extra_info["candidate"] and extra_info["baseline"]."""
+    groups: dict[str, dict[str, dict]] = {}
+    for b in output_json.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "candidate" in info and "baseline" in info:
+            groups.setdefault(b["group"], {})[info["candidate"]] = {"stats": b["stats"], "baseline": info["baseline"]}
+    speedups = {}
+    for group, runs in groups.items():
+        base = runs.get(next(iter(runs.values()))["baseline"])
+        if base is None:  # the baseline was deselected
+            continue
+        speedups[group] = {name: {"median": round(base["stats"]["median"] / r["stats"]["median"], 3),
+                                  "min": round(base["stats"]["min"] / r["stats"]["min"], 3)}
+                           for name, r in runs.items()}
+    output_json["speedups"] = speedups
+
+
+def main_pytest(bench_file: str, name: str) -> int:
+    """Run one benchmark file under pytest-benchmark, its JSON to benchmarks/results/NAME.json;
+    extra command-line arguments go to pytest (e.g. -k to pick cases)."""
+    import pytest
+
+    return pytest.main([bench_file, "-p", "no:cacheprovider", "--benchmark-only",
+                        f"--benchmark-json={RESULTS / f'{name}.json'}", *sys.argv[1:]])

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[type, str, str]] = {
     "answer": (C.AnswerConfig, "fastfilm.commands.answer:run", "answer a question about one image"),
     "quickstart": (C.QuickstartConfig, "fastfilm.commands.quickstart:run",
                    "generate a small dataset, train FiLM and the Table 1 baselines, print the per-type table"),
+    "analyze": (C.AnalyzeConfig, "fastfilm.commands.analyze:run", "gamma/beta histograms, embedding, ablations"),
+    "plot": (C.PlotConfig, "fastfilm.commands.plot:run", "learning curves of one or more runs, overlaid, as a PNG"),
 }
 # `train` also takes every ModelConfig field; its defaults come from --preset.
 MODEL_FLAGS_FOR = ("train",)
@@ -58,7 +60,7 @@ def add_dataclass_arguments(parser, cls: type, *, defaults_from_preset: bool = F
             continue
         typ, help_text, dest = hints[f.name], f.metadata.get("help", ""), prefix + f.name
         if f.metadata.get("positional"):
-            parser.add_argument(dest, type=typ, help=help_text)
+            parser.add_argument(dest, type=f.metadata.get("type", typ), help=help_text, nargs=f.metadata.get("nargs"))
             continue
         default = (defaults or {}).get(f.name, f.default)
         shown = "preset" if defaults_from_preset else repr(default)

@@ -49,7 +49,7 @@ class GenerateConfig:
                          "(CLEVR: 200); scenes with a more hidden object are re-drawn")
     zoom: float = _f(1.0, "camera zoom (1: CLEVR's view); >1 shows a smaller table closer up, so objects are "
                      "larger in small images (the quickstart uses it)")
-    supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering ~3x slower)")
+    supersample: int = _f(1, "rays per pixel side: 2 averages 2x2 rays for smooth edges (rendering time grows with the rays)")
 
 
 @dataclass
@@ -69,6 +69,8 @@ class PreprocessConfig:
     skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")
     workers: int = _f(0, "decode threads/processes (0: one per core)")
     force: bool = _f(False, "rebuild the cache even if one matching DATA, size and vocabulary exists")
+    input: str = _f("pixels", "pixels: decode the images; features: a cache that reads the precomputed features of "
+                    "DATA/features/ in place, no image decoded (docs/features.md)", choices=("pixels", "features"))
 
 
 # ---------------------------------------------------------------- model
@@ -176,6 +178,14 @@ class TrainConfig(FastConfig):
     max_minutes: float = _f(0.0, "stop cleanly after this many minutes, then evaluate and write metrics (0: no limit)")
     seed: int = _f(0, "seed for weights, data order and dropout")
     resume: str = _f("", "run directory to continue exactly where it stopped")
+    init_from: str = _f("", "fine-tune: start from this run's best weights (run directory or checkpoint file) and "
+                        "its model; DATA's new words get new embedding rows (docs/finetuning.md)")
+    train_only: str = _f("all", "with --init-from: train only the question encoder and FiLM generator "
+                         "(film_generator, the paper's CLEVR-Humans recipe), only the question encoder (question), "
+                         "or everything (all); frozen parts keep their batch norm statistics",
+                         choices=("all", "film_generator", "question"))
+    tensorboard: bool = _f(False, "also write the metrics.jsonl scalars to RUN/tensorboard (needs the tensorboard "
+                           "package; metrics.jsonl stays the record)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     eval_batch_size: int = _f(256, "questions per evaluation step")
     log_every: int = _f(20, "steps between progress-bar loss/accuracy updates (each costs a host sync)")
@@ -216,6 +226,10 @@ class AnswerConfig:
     checkpoint: str = _f("", "checkpoint file (.pt or .safetensors) or run directory", positional=True)
     image: str = _f("", "image file (PNG or JPEG, RGB or RGBA, any size)")
     question: str = _f("", "the question, in words")
+    features_file: str = _f("", "for a model trained on precomputed features: the .npy or .h5 file holding the "
+                            "image's feature (as in DATA/features/, docs/features.md)")
+    feature_index: int = _f(-1, "the image's row in --features-file (-1: the number --image's file name ends in, "
+                            "CLEVR_val_000123.png -> 123)")
     top: int = _f(5, "how many answers to show")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
 
@@ -255,6 +269,47 @@ class QuickstartConfig:
         preset="cpu", epochs=100, lr=1e-3, group_questions=4, patience=0, compile=False)
 
 
+# ---------------------------------------------------------------- analysis
+
+
+@dataclass
+class AnalyzeConfig:
+    """`fastfilm analyze`: the paper's analyses of a trained FiLM run on one split: gamma/beta
+    histograms, a 2-D embedding of each question's FiLM parameters, test-time ablations, and
+    accuracy by question and program length. Writes PNG figures and analysis.json."""
+    run: str = _f("", "run directory or checkpoint file (.pt or .safetensors) of a FiLM model", positional=True)
+    data: str = _f("", "CLEVR-layout directory or cache", positional=True)
+    split: str = _f("val", "split to analyse")
+    out: str = _f("", "directory for the figures and analysis.json (default: RUN/analysis_SPLIT)")
+    max_questions: int = _f(0, "analyse only the split's first N questions (0: all)")
+    ablations: bool = _f(True, "run the test-time ablations (one pass over the split each)")
+    noise: str = _f("0.1,0.5,1,2", "comma-separated standard deviations of the Gaussian noise added to gamma, "
+                    "then to beta, one ablation each (empty: none)")
+    near_zero: float = _f(0.1, "|gamma| below this counts as near zero (a feature map nearly shut off)")
+    bins: int = _f(60, "histogram bins per block")
+    embedding: str = _f("auto", "2-D embedding of each question's (gamma, beta): tsne (needs scikit-learn), "
+                        "pca, or auto (tsne when scikit-learn is installed)", choices=("auto", "tsne", "pca"))
+    embed_points: int = _f(2000, "questions in the embedding: a seeded sample when the split has more (0: all)")
+    seed: int = _f(0, "seed of the noise ablations and of the embedding's sample")
+    batch_size: int = _f(256, "questions per forward pass")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    # The model runs eagerly (hooks observe and replace gamma and beta), so compile is not offered.
+    fast: FastConfig = nested(FastConfig, only=("reference", "amp", "fused", "channels_last"), compile=False)
+
+
+@dataclass
+class PlotConfig:
+    """`fastfilm plot`: learning curves of one or more runs from their metrics.jsonl, overlaid:
+    train/val accuracy, train loss, questions/s and per-type val accuracy per epoch."""
+    runs: tuple[str, ...] = _f((), "run directories (each with the metrics.jsonl `fastfilm train` writes)",
+                               positional=True, nargs="+", type=str)
+    out: str = _f("curves.png", "PNG file to write")
+
+    def __post_init__(self) -> None:
+        # One run may be given as a plain string (Python callers); the CLI gives a list.
+        self.runs = (self.runs,) if isinstance(self.runs, str) else tuple(self.runs)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -288,6 +343,8 @@ def validate(cfg) -> None:
                      "classifier_proj", "classifier_fc", "conv2_kernel", "feature_channels"):
             positive(name)
         _need(cfg.conv2_kernel % 2 == 1, "conv2_kernel", "must be odd (the output keeps its size)", cfg.conv2_kernel)
+    if isinstance(cfg, TrainConfig) and cfg.train_only != "all" and not cfg.init_from:
+        raise UserError(f"--train-only {cfg.train_only}: needs --init-from RUN (it freezes the rest of a trained model)")
     for f in dataclasses.fields(cfg):
         if "nested" in f.metadata:
             validate(getattr(cfg, f.name))

@@ -2,7 +2,9 @@
 
 `bn_film_relu_residual` is the tail of every FiLM ResBlock:
     out = residual + relu(gamma[:, :, None, None] * BN(y) + beta[:, :, None, None])
-with BN a batch norm without affine. Two backends with the same semantics:
+with BN a batch norm without affine. `bn_film_relu_residual_reference` is that expression in
+plain eager torch ops (`film_relu_residual` its part after the batch norm), the one definition
+that the tests, the benchmark and the model's unfused ablation use. Two backends compute it fused:
 - "torch": plain torch ops (an autograd.Function whose forward and backward are torch ops),
   which torch.compile traces through so that inductor fuses them (on CPU too);
 - "triton": the kernels of fastfilm.kernels.bn_film_relu_residual_triton behind opaque custom ops
@@ -15,9 +17,8 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
-from fastfilm.errors import UserError
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -149,7 +150,7 @@ def _batch_stats(y: Tensor) -> tuple[Tensor, Tensor]:
 
     Exact two-pass moments of each (n, c) plane (a plane is small enough to be re-read from
     cache), merged across n with Chan's formula for equal counts: numerically safe, and on
-    CPU inductor compiles it to a ~1.4x faster forward than a Welford var_mean over (0, 2, 3)
+    CPU inductor compiles it to a faster forward than a Welford var_mean over (0, 2, 3)
     (docs/bn_film_relu_residual.md)."""
     hw = y.shape[2] * y.shape[3]
     plane_mean = y.mean((2, 3))                                              # [N, C]
@@ -180,35 +181,57 @@ def _torch_backend(y: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor, run
 
 def _check(y: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor],
            running_var: Optional[Tensor], training: bool, backend: str) -> None:
+    """Programming errors (what a caller hands the op): ValueError, TypeError for dtypes."""
     where = "bn_film_relu_residual"
     if backend not in BACKENDS:
-        raise UserError(f"{where}: backend={backend!r}; choose from {BACKENDS}")
+        raise ValueError(f"{where}: backend={backend!r}; choose from {BACKENDS}")
     if y.dim() != 4:
-        raise UserError(f"{where}: y must be [N, C, H, W], got shape {tuple(y.shape)}")
+        raise ValueError(f"{where}: y must be [N, C, H, W], got shape {tuple(y.shape)}")
     N, C, H, W = y.shape
     if residual.shape != y.shape:
-        raise UserError(f"{where}: residual has shape {tuple(residual.shape)}, y has {tuple(y.shape)}")
+        raise ValueError(f"{where}: residual has shape {tuple(residual.shape)}, y has {tuple(y.shape)}")
     for name, t in (("gamma", gamma), ("beta", beta)):
         if t.shape != (N, C):
-            raise UserError(f"{where}: {name} must be [N, C] = {[N, C]}, got {tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} must be [N, C] = {[N, C]}, got {tuple(t.shape)}")
     named = [("y", y), ("residual", residual), ("gamma", gamma), ("beta", beta)]
     if (running_mean is None) != (running_var is None):
-        raise UserError(f"{where}: running_mean and running_var must be given together")
+        raise ValueError(f"{where}: running_mean and running_var must be given together")
     if running_mean is not None:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t.shape != (C,):
-                raise UserError(f"{where}: {name} must be [C] = [{C}], got {tuple(t.shape)}")
+                raise ValueError(f"{where}: {name} must be [C] = [{C}], got {tuple(t.shape)}")
             named.append((name, t))
     elif not training:
-        raise UserError(f"{where}: eval mode (training=False) needs running_mean and running_var")
+        raise ValueError(f"{where}: eval mode (training=False) needs running_mean and running_var")
     for name, t in named:
         if t.dtype not in _FLOATS:
-            raise UserError(f"{where}: {name} has dtype {t.dtype}; expected one of {_FLOATS}")
+            raise TypeError(f"{where}: {name} has dtype {t.dtype}; expected one of {_FLOATS}")
         if t.device != y.device:
-            raise UserError(f"{where}: {name} is on {t.device}, y on {y.device}")
+            raise ValueError(f"{where}: {name} is on {t.device}, y on {y.device}")
     if training and N * H * W <= 1:
-        raise UserError(f"{where}: batch norm needs more than 1 value per channel when training, "
-                        f"got y of shape {tuple(y.shape)}")
+        # F.batch_norm raises ValueError here too.
+        raise ValueError(f"{where}: batch norm needs more than 1 value per channel when training, "
+                         f"got y of shape {tuple(y.shape)}")
+
+
+def film_relu_residual(normed: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """residual + relu(gamma * normed + beta), eager: the expression after the batch norm.
+    normed, residual: [N, C, H, W]; gamma, beta: [N, C]. Returns [N, C, H, W]. Apart so that a
+    caller whose batch norm is a module (FusedResBlock's unfused ablation, where it may be a
+    GlobalBatchNorm) shares the expression."""
+    return residual + torch.relu(gamma[:, :, None, None] * normed + beta[:, :, None, None])
+
+
+def bn_film_relu_residual_reference(y: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
+                                    running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+                                    training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """The unfused expression in plain eager torch ops: what every backend must reproduce.
+
+    Arguments and result as bn_film_relu_residual's; running_mean and running_var are updated
+    in place when training, by F.batch_norm (num_batches_tracked belongs to the caller's module).
+    """
+    bn = F.batch_norm(y, running_mean, running_var, None, None, training, momentum, eps)
+    return film_relu_residual(bn, residual, gamma, beta)
 
 
 def bn_film_relu_residual(y: Tensor, residual: Tensor, gamma: Tensor, beta: Tensor,
@@ -231,8 +254,8 @@ def bn_film_relu_residual(y: Tensor, residual: Tensor, gamma: Tensor, beta: Tens
     if backend == "torch":
         return _torch_backend(y, residual, gamma, beta, running_mean, running_var, training, momentum, eps)
     if not y.is_cuda and not _kernels().INTERPRETED:
-        raise UserError("bn_film_relu_residual: backend='triton' needs CUDA tensors, or "
-                        "TRITON_INTERPRET=1 set before fastfilm.kernels is imported for CPU tensors")
+        raise ValueError("bn_film_relu_residual: backend='triton' needs CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before fastfilm.kernels is imported for CPU tensors")
     if training:
         mean, stat = _stats_op(y.detach(), running_mean, running_var, float(momentum), float(eps))
     else:

@@ -1,4 +1,5 @@
-"""Parity of the fused BN + FiLM + ReLU + residual op with the unfused torch expression.
+"""Parity of the fused BN + FiLM + ReLU + residual op with the unfused torch expression
+(`bn_film_relu_residual_reference`, plain eager F.batch_norm and pointwise ops).
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU (natively on CUDA when present);
 the torch backend runs natively. Shapes are small so the interpreter stays fast.
@@ -15,9 +16,8 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
-from fastfilm.errors import UserError
 from fastfilm.kernels import bn_film_relu_residual_triton as K
-from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual, bn_film_relu_residual_reference
 
 if not torch.cuda.is_available() and not K.INTERPRETED:
     # Another test module imported the kernels before TRITON_INTERPRET was set.
@@ -37,12 +37,6 @@ DTYPES = [
     (torch.bfloat16, 1e-2, 1e-2),
     (torch.float16, 1e-3, 1e-3),
 ]
-
-
-def reference(y, residual, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
-    """The unfused expression the op must reproduce."""
-    bn = F.batch_norm(y, running_mean, running_var, None, None, training, momentum, eps)
-    return residual + torch.relu(gamma[:, :, None, None] * bn + beta[:, :, None, None])
 
 
 def assert_close(actual, expected, what, atol=None, rtol=None):
@@ -103,7 +97,7 @@ def run_both(shape, dtype, layout, training, backend, steps=1, momentum=0.1):
         ours = [t.clone().requires_grad_() for t in acts]
         theirs = [t.detach().float().requires_grad_() for t in acts]
         out = bn_film_relu_residual(*ours, rm, rv, training=training, momentum=momentum, backend=backend)
-        ref = reference(*theirs, rm_ref, rv_ref, training, momentum)
+        ref = bn_film_relu_residual_reference(*theirs, rm_ref, rv_ref, training=training, momentum=momentum)
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(DEVICE, out.dtype)
         out.backward(dout)
         ref.backward(dout.float())
@@ -157,7 +151,8 @@ def test_running_stats_over_steps_then_eval(backend):
     rm, rv = ours[5:]
     (y, r, g, b), _, _ = make_inputs(shape, seed=7)
     out = bn_film_relu_residual(y, r, g, b, rm, rv, training=False, backend=backend)
-    assert_close(out, reference(y, r, g, b, theirs[5], theirs[6], False), f"{backend} eval with learned stats")
+    expected = bn_film_relu_residual_reference(y, r, g, b, theirs[5], theirs[6], training=False)
+    assert_close(out, expected, f"{backend} eval with learned stats")
 
 
 @pytest.mark.parametrize("split,layout", [(1, "contiguous"), (3, "channels_last"), (7, "contiguous")])
@@ -265,8 +260,8 @@ def test_autocast_bf16(backend):
         y, (gamma, beta) = conv(x), film(q).chunk(2, dim=1)
         out = bn_film_relu_residual(y, x.to(y.dtype), gamma, beta, rm, rv, training=True, backend=backend)
     assert y.dtype == gamma.dtype == out.dtype == torch.bfloat16
-    ref = reference(y.float(), x.to(y.dtype).float(), gamma.float(), beta.float(),
-                    torch.zeros_like(rm), torch.ones_like(rv), True)
+    ref = bn_film_relu_residual_reference(y.float(), x.to(y.dtype).float(), gamma.float(), beta.float(),
+                                          torch.zeros_like(rm), torch.ones_like(rv), training=True)
     assert_close(out, ref, f"{backend} under autocast", atol=1e-2, rtol=1e-2)
 
 
@@ -298,7 +293,7 @@ def _reference_step(shape):
     (y, r, g, b), _, _ = make_inputs(shape)
     ins = [t.clone().requires_grad_() for t in (y, r, g, b)]
     rm, rv = torch.zeros(shape[1], device=DEVICE), torch.ones(shape[1], device=DEVICE)
-    out = reference(*ins, rm, rv, True)
+    out = bn_film_relu_residual_reference(*ins, rm, rv, training=True)
     out.backward(torch.ones_like(out))
     return [out] + [t.grad for t in ins] + [rm, rv]
 
@@ -331,16 +326,21 @@ def test_compile_triton_backend_no_graph_break():
         assert_close(a, e, f"compiled triton {name}")
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(y=torch.randn(1, 3, 1, 1)), "more than 1 value per channel"),
-    (dict(residual=torch.randn(2, 3, 4, 5)), "residual has shape"),
-    (dict(gamma=torch.randn(3, 2)), "gamma must be"),
-    (dict(running_mean=None, training=False), "running_mean and running_var"),
-    (dict(running_var=torch.ones(4)), "running_var must be"),
-    (dict(backend="cuda"), "backend="),
-    (dict(y=torch.randn(2, 3, 4)), r"y must be \[N, C, H, W\]"),
-], ids=["one-value", "residual-shape", "gamma-shape", "eval-no-stats", "stats-shape", "backend", "3d"])
-def test_bad_input_is_a_user_error(bad, match):
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(y=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+    (dict(residual=torch.randn(2, 3, 4, 5)), ValueError, "residual has shape"),
+    (dict(gamma=torch.randn(3, 2)), ValueError, "gamma must be"),
+    (dict(running_mean=None, training=False), ValueError, "running_mean and running_var"),
+    (dict(running_var=torch.ones(4)), ValueError, "running_var must be"),
+    (dict(backend="cuda"), ValueError, "backend="),
+    (dict(y=torch.randn(2, 3, 4)), ValueError, r"y must be \[N, C, H, W\]"),
+    (dict(beta=torch.ones(2, 3, dtype=torch.int64)), TypeError, "beta has dtype torch.int64"),
+    (dict(running_mean=torch.zeros(3, device="meta")), ValueError, "running_mean is on meta"),
+], ids=["one-value", "residual-shape", "gamma-shape", "eval-no-stats", "stats-shape", "backend", "3d", "int-beta",
+        "device"])
+def test_bad_input_is_a_programming_error(bad, error, match):
+    """What the model hands the op is the program's doing, never the user's: ValueError /
+    TypeError with a traceback, not fastfilm.errors.UserError."""
     y = bad.get("y", torch.randn(2, 3, 4, 4))
     args = dict(y=y, residual=torch.randn(y.shape), gamma=torch.randn(y.shape[0], 3),
                 beta=torch.randn(y.shape[0], 3), running_mean=torch.zeros(3), running_var=torch.ones(3),
@@ -350,14 +350,14 @@ def test_bad_input_is_a_user_error(bad, match):
     args.update(bad)
     if bad.get("running_mean", 0) is None:
         args["running_var"] = None
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(error, match=match):
         bn_film_relu_residual(**args)
 
 
-def test_triton_on_cpu_without_interpreter_is_a_user_error(monkeypatch):
+def test_triton_on_cpu_without_interpreter_is_a_value_error(monkeypatch):
     monkeypatch.setattr(K, "INTERPRETED", False)
     (y, r, g, b), rm, rv = make_inputs((2, 3, 4, 4))
-    with pytest.raises(UserError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         bn_film_relu_residual(y.cpu(), r.cpu(), g.cpu(), b.cpu(), rm.cpu(), rv.cpu(), training=True,
                               backend="triton")
 

@@ -1,4 +1,5 @@
 """The CLI is derived from the config dataclasses one to one."""
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -6,10 +7,10 @@ import sys
 import pytest
 
 from fastfilm import config as C
-from fastfilm.cli import COMMANDS, build_parser, split_namespace
+from fastfilm.cli import COMMANDS, MODEL_FLAGS_FOR, build_parser, split_namespace
 
 POSITIONAL = {"generate": ["OUT"], "preprocess": ["DATA"], "train": ["DATA"], "eval": ["CKPT", "DATA"],
-              "answer": ["CKPT"], "quickstart": []}
+              "answer": ["CKPT"], "quickstart": [], "analyze": ["RUN", "DATA"], "plot": ["RUN"]}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -23,21 +24,30 @@ def test_cli_defaults_equal_dataclass_defaults(command):
     assert overrides == {}
 
 
-def _flag_fields(cls, only=None):
-    """(class, field) of every flag a config contributes, nested configs included."""
+def _flag_fields(cls, only=None, prefix=""):
+    """(argparse destination, field) of every flag a config contributes, nested configs included."""
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
         if "nested" in f.metadata:
-            yield from _flag_fields(f.metadata["nested"], f.metadata["only"])
+            yield from _flag_fields(f.metadata["nested"], f.metadata["only"], f"{prefix}{f.name}.")
         else:
-            yield cls, f
+            yield prefix + f.name, f
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_field_is_a_flag_with_help(command):
-    for cls, f in _flag_fields(COMMANDS[command][0]):
-        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in sub.choices[command]._actions}
+    flags = list(_flag_fields(COMMANDS[command][0]))
+    if command in MODEL_FLAGS_FOR:
+        flags += list(_flag_fields(C.ModelConfig))
+    for dest, f in flags:
+        assert f.metadata.get("help"), f"{dest} has no help text"
+        action = actions[dest]
+        assert action.help.startswith(f.metadata["help"]), dest
+        if not f.metadata.get("positional"):
+            assert action.option_strings[0] == "--" + f.name.replace("_", "-"), dest
 
 
 def test_nested_flags_reach_the_nested_configs():
@@ -97,3 +107,8 @@ def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "fastfilm", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "--max-minutes" in out.stdout and "--preset" in out.stdout and "--film-position" in out.stdout
+
+
+def test_plot_takes_several_runs():
+    cfg, _ = split_namespace("plot", build_parser().parse_args(["plot", "a", "b", "--out", "x.png"]))
+    assert cfg.runs == ("a", "b") and cfg.out == "x.png"

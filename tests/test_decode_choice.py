@@ -11,7 +11,8 @@ from clevr_fixture import make_clevr
 from PIL import Image
 
 from fastfilm.cli import build_parser
-from fastfilm.data import decode
+from fastfilm.cli import main as cli_main
+from fastfilm.data import cache, decode
 from fastfilm.data.cache import prepare, read_meta
 from fastfilm.data.decode import MARGIN, choose_decoder, decode_images, load_speeds, nearest_size
 from fastfilm.errors import UserError
@@ -122,7 +123,21 @@ def test_preprocess_auto_says_which_and_records_it(tmp_path, monkeypatch, capsys
     root = make_clevr(tmp_path / "CLEVR_v1.0")["root"]
     monkeypatch.setattr(decode, "_cpu_kind", lambda: "cpu-test")
     monkeypatch.setattr(decode, "load_speeds", lambda: SPEEDS)
-    path = prepare(root, 100, splits=("train",))  # nearest measured: 128 px, where dali+pillow won
+    assert cli_main(["preprocess", str(root), "--image-size", "100", "--splits", "train"]) == 0
+    # Nearest measured: 128 px, where dali+pillow won. Four images decode in no time: the
+    # build says nothing on stderr, `fastfilm preprocess` says which decoder in its summary.
+    out, err = capsys.readouterr()
+    assert f"  {choose(100).why}\n" in out and "decoder auto" not in err
+    path = root / ".fastfilm_cache" / "100"
+    assert read_meta(path)["decoder"] == "dali+pillow" and read_meta(path)["decoder_choice"] == choose(100).why
+
+
+@needs_dali
+def test_a_long_build_says_which_decoder_on_stderr(tmp_path, monkeypatch, capsys):
+    root = make_clevr(tmp_path / "CLEVR_v1.0")["root"]
+    monkeypatch.setattr(decode, "_cpu_kind", lambda: "cpu-test")
+    monkeypatch.setattr(decode, "load_speeds", lambda: SPEEDS)
+    monkeypatch.setattr(cache, "QUIET_BELOW", 4)  # the fixture's train split has 4 images
+    prepare(root, 100, splits=("train",))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "decoder auto" in ln]
     assert lines == [f"fastfilm: {choose(100).why}"]
-    assert read_meta(path)["decoder"] == "dali+pillow"

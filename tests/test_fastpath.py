@@ -20,7 +20,7 @@ from fastfilm.engine.options import Execution, resolve
 from fastfilm.engine.predictor import Predictor
 from fastfilm.engine.step import TrainStep
 from fastfilm.model import build_model
-from fastfilm.model.fast import FastFiLMNet, FastQuestionEncoder, FusedResBlock, gru_last_state, is_paper_block
+from fastfilm.model.fast import FastFiLMNet, FastQuestionEncoder, FusedResBlock, is_paper_block
 from fastfilm.model.reference import FiLMNet, QuestionEncoder
 
 VOCAB, ANSWERS, CPU = 30, 7, torch.device("cpu")
@@ -132,47 +132,7 @@ def test_fast_model_refuses_other_architectures():
         FastFiLMNet(model_config("tiny", arch="cnn_gru"), VOCAB, ANSWERS)
 
 
-# ---------------------------------------------------------------- GRU and question encoder
-
-
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "dense"])
-@pytest.mark.parametrize("lengths", [[7, 5, 5, 2, 1], [1], [3, 3]], ids=["varied", "one-step", "equal"])
-def test_gru_last_state_matches_nn_gru(lengths, pack):
-    """The state after each row's last token, and every gradient, as nn.GRU computes them
-    (packed: rows stop at their length, as on the CPU; dense: all rows run, as on CUDA)."""
-    torch.manual_seed(0)
-    lengths = torch.tensor(lengths)
-    steps, rows = int(lengths.max()), len(lengths)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        gru = torch.nn.GRU(5, 11).to(dtype)
-        x = torch.randn(steps, rows, 5, dtype=dtype, requires_grad=True)
-        expected = gru(x)[0][lengths - 1, torch.arange(rows)]
-        gates = F.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)
-        last = gru_last_state(gates, gru.weight_hh_l0, gru.bias_hh_l0, lengths, pack=pack)
-        close(last, expected, f"{dtype} last state", rtol=tol, atol=tol)
-        g = torch.randn_like(expected)
-        inputs = [x, *gru.parameters()]
-        for name, a, b in zip(["x", "w_ih", "w_hh", "b_ih", "b_hh"], torch.autograd.grad(last, inputs, g),
-                              torch.autograd.grad(expected, inputs, g)):
-            close(a, b, f"{dtype} grad {name}", rtol=tol, atol=tol)
-        with torch.no_grad():  # the inference path keeps one step of scratch
-            close(gru_last_state(gates, gru.weight_hh_l0, gru.bias_hh_l0, lengths, pack=pack), expected,
-                  "no_grad", rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "dense"])
-def test_gru_last_state_gradcheck(pack):
-    torch.manual_seed(0)
-    args = [torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=True),
-            torch.randn(9, 3, dtype=torch.float64, requires_grad=True),
-            torch.randn(9, dtype=torch.float64, requires_grad=True)]
-    lengths = torch.tensor([4, 3, 1])
-    assert torch.autograd.gradcheck(lambda *a: gru_last_state(*a, lengths, pack=pack), args)
-
-
-def test_gru_packing_needs_sorted_lengths():
-    with pytest.raises(ValueError, match="sorted"):
-        gru_last_state(torch.randn(3, 2, 6), torch.randn(6, 2), torch.randn(6), torch.tensor([1, 3]), pack=True)
+# ---------------------------------------------------------------- question encoder (the GRU op: test_gru_last_state.py)
 
 
 @pytest.mark.parametrize("b,length", [(8, 12), (1, 9)], ids=["vocab-table", "per-token"])
@@ -389,7 +349,8 @@ def test_padded_samples_do_not_count():
 # ---------------------------------------------------------------- options, AMP, optimizer
 
 
-def test_options_follow_train_config(capsys):
+def test_options_follow_train_config(capsys, monkeypatch):
+    monkeypatch.setattr(options, "_NOTED", set())  # notes are said once per process
     assert fast_config(TrainConfig()) == FastConfig()
     ref = resolve(fast_config(TrainConfig(reference=True)), CPU)
     assert (ref.dtype, ref.compile, ref.fused, ref.channels_last) == (None, False, False, False)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from fastfilm.atomic import atomic_write
 from fastfilm.config import EvalConfig, fast_config
-from fastfilm.data.cache import load_split, prepare
 from fastfilm.data.loader import Loader
 from fastfilm.engine import distributed
-from fastfilm.engine.build import check_vocab_matches, load
+from fastfilm.engine.build import load, split_for
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor, predict
@@ -26,9 +25,7 @@ def run(cfg: EvalConfig) -> int:
 def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
     ex = resolve(fast_config(cfg), dctx.device)
     loaded = load(cfg.checkpoint, ex)
-    cache = prepare(cfg.data, loaded.config.image_size, splits=(cfg.split,))
-    check_vocab_matches(loaded.vocab, cache, cfg.data)
-    split = load_split(cache, cfg.split)
+    split = split_for(loaded, cfg.data, cfg.split)
     predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size)
     loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
                     **predictor.padding.loader_kwargs(split.questions.shape[1]))

@@ -16,6 +16,7 @@ from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.trainer import train
 from fastfilm.hardware import resolve_device
 from fastfilm.model import QTypeBaseline
+from fastfilm.errors import UserError
 
 
 def _generate(cfg: QuickstartConfig, data: Path) -> None:
@@ -31,6 +32,16 @@ def _qtype(cache: Path) -> dict:
     base = QTypeBaseline().fit(train_split.answers, train_split.families, train_split.types)
     preds = base.predict(val.families, val.types)
     return accuracy_report(preds, val.answers, val.types, val.families)
+
+
+def _bar_chart(rows: dict[str, dict], path: Path, title: str) -> None:
+    """The per-type table as grouped bars; without matplotlib (the `plot` extra) a note instead."""
+    from fastfilm.analysis.figures import per_type_bars, save
+
+    try:
+        save(per_type_bars(rows, title), path)
+    except UserError as e:  # the table and results.json are the result; the chart is a view of them
+        print(f"[quickstart] no bar chart: {e}", file=sys.stderr)
 
 
 # Held back from FiLM's budget for what follows its training: the final evaluation and the table.
@@ -74,6 +85,7 @@ def run(cfg: QuickstartConfig) -> int:
     elapsed = time.perf_counter() - t0
     print(f"\nHeld-out (val) accuracy, %, after {elapsed / 60:.1f} min on this machine:\n{table}")
     write_json(out / "results.json", {"rows": rows, "elapsed_s": elapsed, "config": dataclasses.asdict(cfg)})
+    _bar_chart(rows, out / "results.png", f"Held-out (val) accuracy after {elapsed / 60:.1f} min")
     film, qonly = rows["CNN+GRU+FiLM"]["accuracy"], rows["GRU (question only)"]["accuracy"]
     print(f"\nFiLM - question-only: {100 * (film - qonly):+.1f} points. Results: {out / 'results.json'}")
     return 0

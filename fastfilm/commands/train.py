@@ -5,7 +5,7 @@ import dataclasses
 import sys
 
 from fastfilm.config import TrainConfig, describe_preset, model_config, resolve_preset, validate
-from fastfilm.engine import distributed
+from fastfilm.engine import distributed, finetune
 from fastfilm.engine.options import note
 from fastfilm.engine.trainer import NonFiniteLoss, train
 from fastfilm.hardware import resolve_device
@@ -16,7 +16,10 @@ def run(cfg: TrainConfig, model_overrides: dict | None = None) -> int:
     preset = resolve_preset(cfg.preset, device.type)
     model_cfg = model_config(preset, **(model_overrides or {}))
     validate(model_cfg)
-    if preset != cfg.preset and preset != "paper" and not cfg.resume:  # a resumed run keeps its own model
+    if cfg.init_from and model_overrides and not cfg.resume:
+        finetune.check_model_flags(finetune.load_init(cfg.init_from), model_overrides)
+    # Resumed or fine-tuned, the run's or RUN's own model trains, whatever the preset.
+    if preset != cfg.preset and preset != "paper" and not cfg.resume and not cfg.init_from:
         note(f"no --preset on a {device.type.upper()}: the {preset} preset ({describe_preset(preset)}), which learns "
              f"within minutes here; --preset paper for the paper's model ({describe_preset('paper')})")
     # Resolved before training: the checkpoint records the preset the model was built from.

@@ -8,11 +8,17 @@ Layout of a cache directory:
     <split>/images.json   the image file of each row, relative to DATA/images
     <split>/image_stats.npy  [I, 2] int64 (size, mtime_ns) of each image file when it was
                           read, (-1, -1) for one that did not exist (skipped with --skip-bad)
+A features cache (`prepare(..., features=True)`, DATA/.fastfilm_cache/features, for models
+with input="features") holds no pixels: instead of images.npy and image_stats.npy it has
+    <split>/feature_rows.npy  [I] int64, the row of each image in its feature file
+and meta.json names that file with its size and mtime (data/features.py: where such files
+live and how rows match images). The features are read in place, never copied.
 A cache is built in a sibling temp directory and renamed into place when complete, so a
 killed or failed build never leaves a directory with a meta.json that is not whole.
 
 A cache is stale when a source it was built from now exists with other contents: a question
-file or an image whose size or mtime changed, or an image skipped as missing that appeared.
+file or an image whose size or mtime changed, or an image skipped as missing that appeared;
+a features cache when its feature file changed or is gone (it holds no copy of it).
 Sources deleted since the build do not make it stale (the cache holds their pixels; raw
 images may be removed to save space). Raw DATA gets a stale cache rebuilt; a built cache
 given as DATA is refused when stale, since its source may be someone else's to preprocess.
@@ -33,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastfilm.data import features as feats
 from fastfilm.data import reader
-from fastfilm.data.decode import choose_decoder, decode_images
+from fastfilm.data.decode import QUIET_BELOW, choose_decoder, decode_images
 from fastfilm.data.vocab import SPECIAL_TOKENS, UNK, Vocab, tokenize
 from fastfilm.atomic import current_umask, write_json
 from fastfilm.errors import UserError
@@ -53,7 +60,7 @@ LONG_QUESTION_FACTOR = 4
 @dataclass
 class SplitData:
     """One cached split (Q questions over I images of side S), arrays memory-mapped read-only."""
-    images: np.ndarray        # [I, S, S, 3] uint8
+    images: np.ndarray | feats.FeatureView  # [I, S, S, 3] uint8, or [I, C, H, W] features (features cache)
     questions: np.ndarray     # [Q, L] int64, <START> ... <END> then <NULL>=0 padding
     lengths: np.ndarray       # [Q] int64, tokens including <START> and <END>
     answers: np.ndarray       # [Q] int64, -1 where the split has no answers (test)
@@ -65,6 +72,11 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def input(self) -> str:
+        """What `images` holds: "pixels" or "features" (ModelConfig.input)."""
+        return "features" if isinstance(self.images, feats.FeatureView) else "pixels"
 
 
 # ------------------------------------------------------------------ reading a cache
@@ -100,28 +112,46 @@ def load_split(cache_dir: str | Path, split: str) -> SplitData:
     if info is None:
         raise UserError(f"{cache_dir}: no split {split!r} in this cache (it has {', '.join(meta['splits'])})")
     d = cache_dir / split
+    features = _served(meta) == FEATURES
+    image_array = "feature_rows" if features else "images"
     try:
-        arrays = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in ("images", *_ARRAYS)}
+        arrays = {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in (image_array, *_ARRAYS)}
         files = json.loads((d / "images.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{d}: damaged cache split ({e}); delete the cache and preprocess again") from None
     size, q, n_img = meta["image_size"], info["questions"], info["images"]
-    expected = {"images": (n_img, size, size, 3), "questions": (q, info["max_length"]), **{
-        name: (q,) for name in _ARRAYS if name != "questions"}}
+    expected = {image_array: (n_img,) if features else (n_img, size, size, 3), "questions": (q, info["max_length"]),
+                **{name: (q,) for name in _ARRAYS if name != "questions"}}
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise UserError(f"{d / name}.npy: shape {arrays[name].shape}, meta.json says {shape}; "
                             "delete the cache and preprocess again")
+    if features:
+        arrays["images"] = feats.open_view(Path(meta["source"]), info["features"], arrays.pop("feature_rows"))
     return SplitData(**arrays, name=split, image_files=files)
 
 
 # ------------------------------------------------------------------ where a cache lives
 
-def default_cache_dir(data: str | Path, image_size: int) -> Path:
+# What a features cache serves instead of an image size (its directory name too).
+FEATURES = "features"
+
+
+def _served(meta: dict) -> int | str:
+    """What a cache serves: its image size, or FEATURES."""
+    return FEATURES if meta.get("input") == FEATURES else meta["image_size"]
+
+
+def _describe(served: int | str) -> str:
+    return "precomputed features" if served == FEATURES else f"{served}px images"
+
+
+def default_cache_dir(data: str | Path, image_size: int | str) -> Path:
+    """DATA/.fastfilm_cache/<size> (or .../features for a features cache)."""
     return Path(data) / ".fastfilm_cache" / str(image_size)
 
 
-def user_cache_dir(data: str | Path, image_size: int) -> Path:
+def user_cache_dir(data: str | Path, image_size: int | str) -> Path:
     """The per-user cache of DATA, for a dataset directory this user cannot write:
     $XDG_CACHE_HOME/fastfilm/<DATA's name>-<hash of its absolute path>/<size> (~/.cache by default)."""
     data = Path(data).resolve()
@@ -207,18 +237,21 @@ def _changed_questions(meta: dict, splits) -> str | None:
 
 def _mismatch(meta: dict, cache_dir: Path, data: Path, image_size: int, sources: dict, vocab: Vocab | None,
               explicit: bool) -> str | None:
-    """Why an existing cache does not serve this request (None: it does)."""
+    """Why an existing cache does not serve this request (None: it does). image_size: the
+    side wanted, or FEATURES."""
     if explicit and meta["source"] != str(data):
         raise UserError(f"cache {meta.get('cache', '')} was built from {meta['source']}, not {data}; "
                         "pass another --cache or delete that one")
-    if meta["image_size"] != image_size:
-        return f"image size {meta['image_size']} != {image_size}"
+    if _served(meta) != image_size:
+        return f"it serves {_describe(_served(meta))}, {_describe(image_size)} wanted"
     for split, src in sources.items():
         have = meta["splits"].get(split, {}).get("source")
         if have != src:
             return f"split {split!r} is {'new' if have is None else 'changed on disk'}"
     if vocab is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:
         return "a different vocabulary was given"
+    if image_size == FEATURES:
+        return _changed_features(meta, data, sources)
     # Last, as the dearest check: a stat per image file.
     return _changed_images(cache_dir, data, sources,
                            unrecorded="split {split!r} has no record of its image files (an older fastfilm built it)")
@@ -227,18 +260,32 @@ def _mismatch(meta: dict, cache_dir: Path, data: Path, image_size: int, sources:
 def _check_built(cache_dir: Path, meta: dict, image_size: int, vocab: Vocab | None, vocab_file, splits) -> None:
     """A built cache given as DATA: refused when it does not serve the request or is stale."""
     source = meta["source"]
-    if meta["image_size"] != image_size:
-        raise UserError(f"{cache_dir}: cache of {meta['image_size']}px images, {image_size}px wanted; run "
-                        f"`fastfilm preprocess {source} --image-size {image_size}`")
+    how = "--input features" if image_size == FEATURES else f"--image-size {image_size}"
+    if _served(meta) != image_size:
+        wanted = "precomputed features" if image_size == FEATURES else f"{image_size}px"
+        raise UserError(f"{cache_dir}: cache of {_describe(_served(meta))}, {wanted} wanted; run "
+                        f"`fastfilm preprocess {source} {how}`")
     if vocab is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:
         raise UserError(f"{cache_dir}: cache built with another vocabulary than {vocab_file}; preprocess "
                         f"{source} with --vocab {vocab_file}")
     splits = [s for s in splits if s in meta["splits"]]
     # Caches from before image stats were recorded cannot be checked: they are served as they are.
-    why = _changed_questions(meta, splits) or _changed_images(cache_dir, Path(source), splits, unrecorded=None)
+    why = _changed_questions(meta, splits) or (
+        _changed_features(meta, Path(source), splits) if image_size == FEATURES
+        else _changed_images(cache_dir, Path(source), splits, unrecorded=None))
     if why:
         raise UserError(f"{cache_dir}: stale cache: {why}; rebuild it with `fastfilm preprocess {source} --cache "
-                        f"{cache_dir} --image-size {image_size}{' --skip-bad' if meta.get('skip_bad') else ''}`")
+                        f"{cache_dir} {how}{' --skip-bad' if meta.get('skip_bad') else ''}`")
+
+
+def _changed_features(meta: dict, data: Path, splits) -> str | None:
+    """Why the feature file of one of `splits` is not the one the cache was built with, else None."""
+    for split in splits:
+        record = meta["splits"].get(split, {}).get("features")
+        why = feats.changed(data, record) if record else None
+        if why:
+            return why
+    return None
 
 
 # ------------------------------------------------------------------ building
@@ -246,7 +293,7 @@ def _check_built(cache_dir: Path, meta: dict, image_size: int, vocab: Vocab | No
 def prepare(data: str | Path, image_size: int, *, cache: str | Path | None = None,
             splits: tuple[str, ...] | list[str] = ("train", "val"), vocab: str | Path | None = None,
             decoder: str = "auto", device: str = "cpu", skip_bad: bool = False, workers: int = 0,
-            force: bool = False) -> Path:
+            force: bool = False, features: bool = False) -> Path:
     """Cache directory for DATA (a raw CLEVR-layout dir or a built cache), built if needed.
 
     Raw DATA: the cache lives in DATA/.fastfilm_cache/<size> unless `cache` is given, or in
@@ -256,7 +303,12 @@ def prepare(data: str | Path, image_size: int, *, cache: str | Path | None = Non
     and --skip-bad it was built with unless `force`. An explicit `cache` built from another
     DATA is refused. Splits not present in DATA are left out. A built cache is returned
     after checking its size, vocabulary and sources.
+
+    features=True: a features cache instead (module docstring), in DATA/.fastfilm_cache/features;
+    image_size is then not used: no image is decoded.
     """
+    if features:
+        image_size = FEATURES
     data = Path(data).resolve()
     if not data.is_dir():
         raise UserError(f"{data}: no such directory")
@@ -365,12 +417,12 @@ def _needs_answers(split: str) -> bool:
 def _build(data: Path, target: Path, image_size: int, present: list[str], sources: dict,
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
-    choice = choose_decoder(decoder, image_size, device=device)
-    backend = choice.backend
-    if decoder == "auto":
-        print(f"fastfilm: {choice.why}", file=sys.stderr)
+    choice = None if image_size == FEATURES else choose_decoder(decoder, image_size, device=device)
     questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
                  for s in present}
+    if choice and decoder == "auto" and sum(len(set(q.image_files)) for q in questions.values()) >= QUIET_BELOW:
+        print(f"fastfilm: {choice.why}", file=sys.stderr)
+    backend = choice.backend if choice else None
     vocab_source = "given"
     if vocab is None:
         train = _train_split(data, present)
@@ -395,9 +447,12 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
             filled = reader.fill_types(q, family_types)
             info = _write_split(data, tmp / name, q, vocab, image_size, backend, device, skip_bad, workers)
             splits_meta[name] = {**info, "source": sources[name], "types_from_family": filled}
+        features = image_size == FEATURES
         meta = {"format": FORMAT, "version": VERSION, "source": str(data), "cache": str(target),
-                "image_size": image_size, "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
-                "skip_bad": skip_bad, "decoder": backend, "built_s": round(time.time() - t0, 2),
+                "input": FEATURES if features else "pixels", "image_size": None if features else image_size,
+                "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
+                "skip_bad": skip_bad, "decoder": backend, "decoder_choice": choice.why if choice else None,
+                "built_s": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits_meta}
         write_json(tmp / META, meta)  # last: only now is the directory a cache
         _swap_into_place(tmp, target)
@@ -406,20 +461,25 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
         raise
 
 
-def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, size: int, backend: str,
-                 device: str, skip_bad: bool, workers: int) -> dict:
+def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, size: int | str,
+                 backend: str | None, device: str, skip_bad: bool, workers: int) -> dict:
     out.mkdir()
     rows: dict[str, int] = {}
     image_index = np.array([rows.setdefault(f, len(rows)) for f in q.image_files], dtype=np.int64)
     files = list(rows)
-    # Stat'ed before decoding: an image rewritten while the build runs is seen as changed.
-    np.save(out / _STATS, image_stats(data, files))
-    images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(len(files), size, size, 3))
-    bad = decode_images([data / "images" / f for f in files], size, images, backend=backend, device=device,
-                        workers=workers, skip_bad=skip_bad, desc=f"{q.name} images")
-    images.flush()
-    del images
+    extra: dict = {}
+    if size == FEATURES:
+        rows, bad, extra["features"] = feats.match_rows(data, q.name, q.file, files, skip_bad)
+        np.save(out / "feature_rows.npy", rows)
+    else:
+        # Stat'ed before decoding: an image rewritten while the build runs is seen as changed.
+        np.save(out / _STATS, image_stats(data, files))
+        images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(files), size, size, 3))
+        bad = decode_images([data / "images" / f for f in files], size, images, backend=backend, device=device,
+                            workers=workers, skip_bad=skip_bad, desc=f"{q.name} images")
+        images.flush()
+        del images
     keep = np.ones(len(q), dtype=bool)
     if bad:  # questions about a skipped image are dropped; its zero row stays unused
         keep &= ~np.isin(image_index, [i for i, _ in bad])
@@ -444,7 +504,7 @@ def _write_split(data: Path, out: Path, q: reader.SplitQuestions, vocab: Vocab, 
             "unknown_words": int((tokens == SPECIAL_TOKENS[UNK]).sum()),
             "unknown_answers": int(((answers == unk_answer) & (answers >= 0)).sum()),
             "long_questions": long,
-            "skipped": (q.skipped + [f"{data / 'images' / files[i]}: {r}" for i, r in bad])[:100]}
+            "skipped": (q.skipped + [f"{data / 'images' / files[i]}: {r}" for i, r in bad])[:100], **extra}
 
 
 def _warn_long_questions(q: reader.SplitQuestions, lengths: np.ndarray, records: np.ndarray) -> int:
@@ -484,10 +544,14 @@ def run(cfg) -> int:
         raise UserError("--splits: give at least one split name")
     path = prepare(cfg.data, cfg.image_size, cache=cfg.cache or None, splits=splits, vocab=cfg.vocab or None,
                    decoder=cfg.decoder, device=cfg.device, skip_bad=cfg.skip_bad, workers=cfg.workers,
-                   force=cfg.force)
+                   force=cfg.force, features=cfg.input == FEATURES)
     meta = read_meta(path)
-    print(f"cache {path} ({meta['image_size']}px, decoder {meta['decoder']}, built in {meta['built_s']} s, "
-          f"ready in {time.time() - t0:.1f} s)")
+    served = (f"{meta['image_size']}px, decoder {meta['decoder']}" if _served(meta) != FEATURES
+              else "features read in place from " + ", ".join(sorted({i["features"]["file"]
+                                                                     for i in meta["splits"].values()})))
+    print(f"cache {path} ({served}, built in {meta['built_s']} s, ready in {time.time() - t0:.1f} s)")
+    if meta.get("decoder_choice"):
+        print(f"  {meta['decoder_choice']}")
     for name, info in meta["splits"].items():
         skipped = info["skipped_records"] + info["skipped_images"]
         print(f"  {name}: {info['questions']} questions, {info['images']} images, max length {info['max_length']}"

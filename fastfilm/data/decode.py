@@ -54,6 +54,9 @@ SPEEDS = Path(__file__).with_name("decoder_speeds.json")
 # within the run-to-run noise of the shared machines the table was measured on, and Pillow
 # needs no optional dependency.
 MARGIN = 1.05
+# Fewer images than this decode within seconds: no progress bar, and no line saying which
+# decoder `auto` took (the cache's meta.json records it either way).
+QUIET_BELOW = 256
 
 
 def dali_available() -> bool:
@@ -278,7 +281,7 @@ def decode_images(paths: Sequence[str | Path], size: int, out: np.ndarray, *, ba
     chunks = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
     resizing: list = []
     with ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=len(paths) < 256) as bar:
+            tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=len(paths) < QUIET_BELOW) as bar:
         # One chunk in flight ahead of the one being finished: file reads (and Pillow decodes)
         # overlap DALI's work without queueing the whole dataset at once; with dali+pillow the
         # previous chunk's resizes overlap DALI's decode of this one.

@@ -12,6 +12,10 @@ image's questions, cuts them into chunks of at most k, shuffles the chunks and f
 with them. A batch then carries each distinct image once (`images` [M, ...], M <= B) and
 `image_index` maps questions to those rows, so the model's stem runs once per image
 instead of once per question (its share of a step's compute: docs/data.md).
+
+A split of a features cache (data/features.py) is served the same way, with each image's
+precomputed feature [C, H, W] (float16/float32, as stored) in place of its pixels: rows are
+read from the feature file per batch, never the whole file.
 """
 from __future__ import annotations
 
@@ -24,13 +28,15 @@ import numpy as np
 import torch
 
 from fastfilm.data.cache import SplitData
+from fastfilm.data.features import FeatureView
 
 
 @dataclass
 class Batch:
     """B questions about M <= B images. `images` is a channels_last view of NHWC uint8 (no copy,
-    no normalisation); without grouping M = B and image_index is arange(B)."""
-    images: torch.Tensor     # [M, 3, S, S] uint8, channels_last
+    no normalisation), or for a features split the features as stored; without grouping M = B
+    and image_index is arange(B)."""
+    images: torch.Tensor     # [M, 3, S, S] uint8, channels_last; features: [M, C, H, W] float16/float32
     questions: torch.Tensor  # [B, L'] int64, 0-padded
     lengths: torch.Tensor    # [B] int64, tokens including <START> and <END>
     answers: torch.Tensor    # [B] int64, -1: no answer (test split)
@@ -107,18 +113,22 @@ class Loader:
         self.families = torch.from_numpy(np.array(split.families[:n]))
         self.image_index = np.array(split.image_index[:n])
         self.cuda = self.device.type == "cuda"
+        self.features = split.input == "features"
         self.images = split.images
         self.images_resident: torch.Tensor | None = None
         if resident and self.device.type == "cpu":
-            self.images = np.array(split.images)  # in RAM: no page faults on the memmap
+            self.images = np.array(split.images)  # in RAM: no page faults on the memmap (features: read once)
         elif resident:
             self.images_resident = self._upload(split.images)
 
-    def _upload(self, images: np.ndarray, chunk: int = 1024) -> torch.Tensor:
-        """The whole [I, S, S, 3] array on the device, copied in chunks (no second host copy)."""
-        out = torch.empty(images.shape, dtype=torch.uint8, device=self.device)
+    def _upload(self, images: np.ndarray | FeatureView, chunk: int = 1024) -> torch.Tensor:
+        """The whole [I, ...] image (or feature) array on the device, copied in chunks (no second host copy)."""
+        dtype = torch.from_numpy(np.zeros(0, images.dtype)).dtype
+        out = torch.empty(images.shape, dtype=dtype, device=self.device)
         for i in range(0, len(images), chunk):
-            out[i:i + chunk] = torch.from_numpy(np.array(images[i:i + chunk]))
+            rows = np.arange(i, min(i + chunk, len(images)))
+            block = images.take(rows) if isinstance(images, FeatureView) else np.array(images[i:i + chunk])
+            out[i:i + chunk] = torch.from_numpy(block)
         return out
 
     def __len__(self) -> int:
@@ -194,13 +204,16 @@ class Loader:
             image_index = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
         else:
             image_index = torch.arange(len(rows))
-        s = self.images.shape[1]
-        if self.images_resident is not None:
+        if self.features:
+            images = self._gather_features(img_rows, pin)
+        elif self.images_resident is not None:
             # Rows gathered as flat [I, S*S*3]: a 4-D uint8 gather is many times slower.
+            s = self.images.shape[1]
             flat = self.images_resident.view(len(self.images_resident), -1)
             rows_dev = torch.from_numpy(img_rows).to(self.device)
             images = flat.index_select(0, rows_dev).view(len(img_rows), s, s, 3).permute(0, 3, 1, 2)
         else:
+            s = self.images.shape[1]
             buf = torch.empty((len(img_rows), s, s, 3), dtype=torch.uint8, pin_memory=pin)
             np.take(self.images, img_rows, axis=0, out=buf.numpy())
             images = buf.permute(0, 3, 1, 2)
@@ -208,6 +221,17 @@ class Loader:
         if pin:  # images were gathered straight into pinned memory (or are on the device)
             small = [t.pin_memory() for t in small]
         return Batch(images, *small)
+
+    def _gather_features(self, img_rows: np.ndarray, pin: bool) -> torch.Tensor:
+        """[M, C, H, W] features of image rows [M], as stored (float16/float32)."""
+        if self.images_resident is not None:
+            return self.images_resident.index_select(0, torch.from_numpy(img_rows).to(self.device))
+        if isinstance(self.images, FeatureView):
+            block = self.images.take(img_rows)
+        else:  # resident on the CPU: read into memory once
+            block = np.take(self.images, img_rows, axis=0)
+        out = torch.from_numpy(block)
+        return out.pin_memory() if pin else out
 
     def _prefetched(self, rows: list[np.ndarray], pin: bool) -> Iterator[Batch]:
         """Batches gathered by a background thread, `prefetch` ahead of the consumer."""

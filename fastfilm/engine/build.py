@@ -14,8 +14,10 @@ import torch.nn as nn
 
 from fastfilm.checkpoint import load_checkpoint, model_config_from
 from fastfilm.config import ModelConfig
-from fastfilm.data.cache import load_vocab
+from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
+from fastfilm.data.features import check_channels
 from fastfilm.data.vocab import Vocab
+from fastfilm.engine import finetune
 from fastfilm.engine.options import Execution, note
 from fastfilm.errors import UserError
 from fastfilm.model import build_model
@@ -91,3 +93,19 @@ def check_vocab_matches(vocab: Vocab, cache: Path, data: str | Path) -> None:
                 f"the checkpoint's {what} does not match {data}'s ({len(ours)} vs {len(theirs)} entries; "
                 f"only in the data: {sorted(set(theirs) - set(ours))[:8]}). Build a cache with the checkpoint's "
                 f"vocabulary: fastfilm preprocess {data} --vocab RUN/vocab.json --cache DIR")
+
+
+def split_for(loaded: Loaded, data: str | Path, split: str) -> SplitData:
+    """DATA's `split`, cached at the model's input (pixels or features) and encoded with the
+    model's vocabulary: a vocabulary that holds all of DATA's words and answers under other
+    ids (a fine-tuned run's, which appended DATA's new words to its parent's) is served by
+    re-encoding; any other mismatch is refused."""
+    features = loaded.config.input == "features"
+    cache = prepare(data, loaded.config.image_size, splits=(split,), features=features)
+    data_vocab = load_vocab(cache)
+    if not finetune.covers(loaded.vocab, data_vocab):
+        check_vocab_matches(loaded.vocab, cache, data)
+    out = finetune.remap_split(load_split(cache, split), data_vocab, loaded.vocab)
+    if features:
+        check_channels(loaded.config.feature_channels, out.images.shape, f"{data} ({split})")
+    return out

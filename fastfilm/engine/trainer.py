@@ -6,6 +6,10 @@ A run directory RUN gets:
     last.pt            full training state, rewritten atomically after every epoch
     best.safetensors   (+ best.json) weights of the best validation epoch
     vocab.json         the vocabulary the model was trained with
+    tensorboard/       with --tensorboard: metrics.jsonl's scalars as TensorBoard events
+
+--init-from RUN fine-tunes RUN's model (engine/finetune.py, docs/finetuning.md): its weights,
+token ids and answer set, with DATA re-encoded into them; --train-only freezes the rest.
 
 Under torchrun (WORLD_SIZE > 1) it trains data-parallel (engine/distributed.py,
 docs/distributed.md): each rank trains on its shard of every epoch's questions with
@@ -31,15 +35,17 @@ from tqdm import tqdm
 from fastfilm import checkpoint as ckpt
 from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from
 from fastfilm.data.cache import load_split, load_vocab, prepare
+from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Batch, Loader
 from fastfilm.data.vocab import Vocab
-from fastfilm.engine import distributed
+from fastfilm.engine import distributed, finetune
 from fastfilm.engine.batching import pad_batch
 from fastfilm.engine.build import build, build_optimizer
 from fastfilm.engine.metrics import accuracy_report
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor, predict
 from fastfilm.engine.step import TrainStep
+from fastfilm.engine.tensorboard_log import TensorBoardLog
 from fastfilm.errors import UserError
 
 
@@ -135,7 +141,12 @@ class Trainer:
             model_cfg = ckpt.model_config_from(saved)
             cfg = dataclasses.replace(train_config_from(saved["train_config"]), resume=cfg.resume,
                                       epochs=cfg.epochs, max_minutes=cfg.max_minutes,
-                                      dist_timeout_s=cfg.dist_timeout_s)
+                                      dist_timeout_s=cfg.dist_timeout_s, tensorboard=cfg.tensorboard)
+        # Fine-tuning trains RUN's model (resumed, the run's own checkpoint holds it already).
+        self.init = finetune.load_init(cfg.init_from) if cfg.init_from and not self.resumed else None
+        if self.init:
+            model_cfg = self.init.model_cfg
+            cfg = dataclasses.replace(cfg, preset=self.init.meta.get("train_config", {}).get("preset", cfg.preset))
         self.cfg, self.model_cfg = cfg, model_cfg
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +158,7 @@ class Trainer:
             self.optimizer.load_state_dict(self.resumed["optimizer"])
             self.progress = Progress.from_json(self.resumed["progress"])
             _set_rng_state(self.resumed["rng"])
+        self.tensorboard = TensorBoardLog.open(self.run_dir) if cfg.tensorboard and self.main else None
 
     # ------------------------------------------------------------ setup
 
@@ -154,15 +166,30 @@ class Trainer:
         cfg = self.cfg
         # Every rank prepares the cache: a file lock lets one build it while the others wait
         # (no collective, so a long build does not run into --dist-timeout-s), then they map it.
-        cache = prepare(cfg.data, self.model_cfg.image_size)
+        features = self.model_cfg.input == "features"
+        cache = prepare(cfg.data, self.model_cfg.image_size, features=features)
         self.vocab: Vocab = load_vocab(cache)
+        data_vocab = self.vocab
+        if cfg.init_from:
+            # RUN's ids with DATA's new words appended (resumed: the run's own, which must still cover DATA).
+            base = Vocab(**self.resumed["meta"]["vocab"]) if self.resumed else self.init.vocab
+            self.vocab = finetune.extend_vocab(base, data_vocab, cfg.data, cfg.init_from)
         if self.resumed and self.resumed["meta"]["vocab"] != self.vocab.to_json():
             raise UserError(f"cannot resume {self.run_dir}: {cfg.data} now has a different vocabulary or answer set")
         if self.main:
             self.vocab.save(self.run_dir / "vocab.json")
         self.train_split, self.val_split = load_split(cache, "train"), load_split(cache, "val")
+        if cfg.init_from:  # the questions were cached in DATA's ids
+            self.train_split, self.val_split = (finetune.remap_split(s, data_vocab, self.vocab)
+                                                for s in (self.train_split, self.val_split))
+        if features:
+            for s in (self.train_split, self.val_split):
+                check_channels(self.model_cfg.feature_channels, s.images.shape, f"{cfg.data} ({s.name})")
         if (self.train_split.answers < 0).any():
-            raise UserError(f"{cfg.data}: the train split has questions without answers")
+            # preprocess refuses (or with --skip-bad drops) such questions, naming file and record:
+            # only a cache built by an older fastfilm can hold them.
+            raise UserError(f"{cache}: the cached train split has questions without answers; rebuild it with "
+                            f"`fastfilm preprocess {cfg.data} --force`, which names the records")
 
     def _build(self) -> None:
         cfg, dctx = self.cfg, self.dctx
@@ -176,6 +203,14 @@ class Trainer:
         self.ex = ex = resolve(fast, dctx.device)
         torch.manual_seed(cfg.seed)
         self.model = build(self.model_cfg, self.vocab, ex)
+        if self.init:
+            added = finetune.init_weights(self.model, self.init, self.vocab)
+            distributed.note(f"--init-from {cfg.init_from}: its weights; {added} new words get new embedding rows")
+        if cfg.init_from:  # before the optimizer, which takes only the parameters left to train
+            frozen = finetune.freeze(self.model, cfg.train_only)
+            if frozen:
+                distributed.note(f"--train-only {cfg.train_only}: frozen, batch norm statistics included: "
+                                 f"{', '.join(frozen)}")
         step_model = distributed.wrap(self.model, dctx, compile=ex.compile, sync_bn=cfg.sync_bn)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, ex, apex=cfg.apex)
         self.step_fn = TrainStep(step_model, self.optimizer, ex)
@@ -281,6 +316,8 @@ class Trainer:
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
+            if self.tensorboard:
+                self.tensorboard.write(line)
         # Every rank holds the same merged report, so this bookkeeping agrees across ranks.
         if report["accuracy"] is not None and report["accuracy"] > p.best_accuracy:
             p.best_accuracy, p.best_epoch, p.stale_epochs, p.best_report = report["accuracy"], p.epoch, 0, report
@@ -327,6 +364,8 @@ class Trainer:
                    "world_size": self.dctx.world_size}
         if self.main:
             ckpt.write_json(self.run_dir / "metrics.json", metrics)
+        if self.tensorboard:
+            self.tensorboard.close()
         self.dctx.barrier()  # when train() returns on any rank, rank 0's files are complete
         return metrics
 

@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastfilm.config import ModelConfig
+from fastfilm.model.freeze import Freezable
 from fastfilm.model.reference import Classifier, PlainResBlock, QuestionEncoder, Stem, per_question
 
 
-class QuestionOnly(nn.Module):
+class QuestionOnly(Freezable):
     """GRU question embedding -> FC -> BN -> ReLU -> FC."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int):
@@ -37,7 +38,7 @@ class QuestionOnly(nn.Module):
         return self.fc2(F.relu(self.bn1(self.fc1(q))))
 
 
-class CNNGRU(nn.Module):
+class CNNGRU(Freezable):
     """Stem + unconditioned ResBlocks -> pooled image features, concatenated with the question."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int):

@@ -4,10 +4,9 @@ FastFiLMNet has exactly FiLMNet's parameters, buffers and state_dict keys (a che
 one loads strictly into the other) and computes the same function. What differs is how:
 - Question encoder: the GRU's input projection is applied once to the vocabulary table
   ([V, 3H], V << B*L on CLEVR) and gathered per token, instead of once per token; the
-  recurrence is one opaque op (`torch.ops.fastfilm.gru_last_state`: per token one addmm and
-  four pointwise ops; backward three ops per token and one matmul per weight) so that
-  torch.compile neither breaks the graph on nn.GRU nor unrolls L steps into it (minutes of
-  compile time per length). On the CPU it packs rows: each question stops at its length.
+  recurrence is one opaque op (fastfilm.kernels.gru_last_state) so that torch.compile
+  neither breaks the graph on nn.GRU nor unrolls L steps into it. On the CPU it packs rows:
+  each question stops at its length.
 - channels_last activations through the visual pipeline.
 - Coordinate maps enter every 1x1 conv as a per-position bias ([1, C_out, h, w], from the
   weight's last two input channels) instead of a concatenated copy of the activations.
@@ -23,138 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastfilm.config import ModelConfig
+from fastfilm.model.freeze import Freezable
 from fastfilm.model.reference import (Classifier, FiLMGenerator, Stem, build_block, coord_map, parse_film_blocks,
                                       per_question)
-from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual
-
-# ---------------------------------------------------------------- GRU recurrence op
-
-
-def _active_rows(lengths: Tensor, steps: int, pack: bool) -> list[int]:
-    """Rows computed at each step: [steps] ints; with `pack`, only rows still inside their
-    question (lengths sorted longest first, read on the host), else all of them."""
-    if not pack:
-        return [lengths.numel()] * steps
-    lens = lengths.clamp(1, steps)
-    if (lens[1:] > lens[:-1]).any():
-        raise ValueError("gru_last_state packs rows: lengths must be sorted longest first")
-    return (lens.numel() - torch.bincount(lens, minlength=steps + 1).cumsum(0))[:steps].tolist()
-
-
-def _gru_forward(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool,
-                 save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """gi: [L, B, 3H] input gates (x W_ih^T + b_ih, gate order r, z, n); w_hh: [3H, H]; b_hh: [3H];
-    lengths: [B] (longest first if `pack`). Returns last [B, H], the state after each row's last
-    token, then states [L, B, H], gh [L, B, 3H] (h W_hh^T + b_hh) and gates [L, B, 3H] (r, z, n)
-    for the backward (gh and gates: one scratch step unless `save`). Packed rows stop at their
-    length; the entries they leave unwritten are zeros so that the backward's products stay finite."""
-    L, B, G = gi.shape
-    H = G // 3
-    active = _active_rows(lengths, L, pack)
-    alloc = gi.new_zeros if active[-1] < B else gi.new_empty
-    states = alloc(L, B, H)
-    gh_all, gates = alloc(L if save else 1, B, G), alloc(L if save else 1, B, G)
-    h = gi.new_zeros(B, H)
-    w_t = w_hh.t()
-    for t, n in enumerate(active):
-        k = t if save else 0
-        gh = torch.addmm(b_hh, h[:n], w_t, out=gh_all[k, :n])
-        rz = torch.add(gi[t, :n, :2 * H], gh[:, :2 * H], out=gates[k, :n, :2 * H]).sigmoid_()
-        c = torch.addcmul(gi[t, :n, 2 * H:], rz[:, :H], gh[:, 2 * H:], out=gates[k, :n, 2 * H:]).tanh_()
-        h = torch.lerp(c, h[:n], rz[:, H:], out=states[t, :n])  # (1 - z) * c + z * h
-    last = states[(lengths - 1).clamp(0, L - 1), torch.arange(B, device=gi.device)]
-    return last, states, gh_all, gates
-
-
-def _gru_backward(dlast: Tensor, lengths: Tensor, pack: bool, states: Tensor, gh_all: Tensor, gates: Tensor,
-                  w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """dlast: [B, H]; lengths: [B]; states: [L, B, H]; gh_all, gates: [L, B, 3H]; w_hh: [3H, H].
-    Returns dgi [L, B, 3H], dw_hh [3H, H], db_hh [3H]."""
-    L, B, H = states.shape
-    active = _active_rows(lengths, L, pack)
-    r, z, c = gates.split(H, dim=2)  # [L, B, H] each
-    h_prev = torch.cat([states.new_zeros(1, B, H), states[:-1]])
-    # Every gate gradient is dh (the gradient reaching h_t) times a coefficient that does
-    # not depend on dh: compute those for all steps at once, so that the sequential loop is
-    # three ops per step.
-    one_z = 1 - z
-    dc = one_z * (1 - c * c)                                 # d pre-tanh / dh
-    dz = (h_prev - c) * z * one_z                            # d pre-sigmoid(z) / dh
-    dr = dc * gh_all[:, :, 2 * H:] * r * (1 - r)             # d pre-sigmoid(r) / dh
-    coef = torch.stack([dr, dz, dc * r], dim=2)              # [L, B, 3, H]: d gh / dh
-    dlast_at = torch.zeros_like(states)                      # dlast where each row's state was read
-    dlast_at[(lengths - 1).clamp(0, L - 1), torch.arange(B, device=states.device)] = dlast
-    dgh = torch.zeros_like(coef)
-    dh_all = torch.zeros_like(states)                        # dh_all[t]: gradient reaching h_t
-    dh = torch.zeros_like(dlast)
-    for t in range(L - 1, -1, -1):
-        n = active[t]
-        torch.add(dh[:n], dlast_at[t, :n], out=dh_all[t, :n])
-        torch.mul(coef[t, :n], dh_all[t, :n, None], out=dgh[t, :n])
-        if t > 0:  # h_{t-1} reaches h_t through z * h_{t-1} and through gh
-            torch.addmm(dh_all[t, :n] * z[t, :n], dgh[t, :n].view(n, 3 * H), w_hh, out=dh[:n])
-    dgi = dgh.clone()
-    torch.mul(dc, dh_all, out=dgi[:, :, 2])  # the input part of the candidate is not scaled by r
-    dgh, dgi = dgh.view(L * B, 3 * H), dgi.view(L, B, 3 * H)
-    # Weight gradients of all steps in one matmul.
-    dw_hh = dgh.t() @ h_prev.reshape(L * B, H)
-    return dgi, dw_hh, dgh.sum(0)
-
-
-@torch.library.custom_op("fastfilm::gru_last_state", mutates_args=())
-def _gru_op(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool,
-            save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _gru_forward(gi, w_hh, b_hh, lengths, pack, save)
-
-
-@_gru_op.register_fake
-def _(gi, w_hh, b_hh, lengths, pack, save):
-    L, B, G = gi.shape
-    steps = L if save else 1
-    return gi.new_empty(B, G // 3), gi.new_empty(L, B, G // 3), gi.new_empty(steps, B, G), gi.new_empty(steps, B, G)
-
-
-@torch.library.custom_op("fastfilm::gru_last_state_backward", mutates_args=())
-def _gru_bwd_op(dlast: Tensor, lengths: Tensor, pack: bool, states: Tensor, gh_all: Tensor, gates: Tensor,
-                w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _gru_backward(dlast, lengths, pack, states, gh_all, gates, w_hh)
-
-
-@_gru_bwd_op.register_fake
-def _(dlast, lengths, pack, states, gh_all, gates, w_hh):
-    return torch.empty_like(gh_all), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0])
-
-
-def _gru_setup(ctx, inputs, output) -> None:
-    gi, w_hh, b_hh, lengths, pack, save = inputs
-    ctx.saved, ctx.pack = save, pack
-    ctx.save_for_backward(lengths, *output[1:], w_hh)
-
-
-def _gru_grad(ctx, dlast, *_unused):
-    if not ctx.saved:
-        raise RuntimeError("gru_last_state ran without saving its activations and cannot be differentiated")
-    lengths, states, gh_all, gates, w_hh = ctx.saved_tensors
-    dgi, dw_hh, db_hh = _gru_bwd_op(dlast.contiguous(), lengths, ctx.pack, states, gh_all, gates, w_hh)
-    return dgi, dw_hh, db_hh, None, None, None
-
-
-_gru_op.register_autograd(_gru_grad, setup_context=_gru_setup)
-
-
-def gru_last_state(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: Tensor, pack: bool | None = None) -> Tensor:
-    """The GRU state (h0 = 0, PyTorch's gate equations) after each row's last real token.
-
-    gi: [L, B, 3H] input gates; w_hh: [3H, H]; b_hh: [3H]; lengths: [B] real tokens per row.
-    pack: compute each row only up to its length (lengths sorted longest first). Packing reads
-    the lengths on the host, so by default it is done only for CPU tensors (elsewhere it
-    would cost a device sync per call). Returns [B, H] in the dtype of gi.
-    """
-    w_hh, b_hh = w_hh.to(gi.dtype), b_hh.to(gi.dtype)
-    pack = lengths.device.type == "cpu" if pack is None else pack
-    save = torch.is_grad_enabled() and (gi.requires_grad or w_hh.requires_grad or b_hh.requires_grad)
-    return _gru_op(gi.contiguous(), w_hh.contiguous(), b_hh, lengths, pack, save)[0]
-
+from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual, film_relu_residual
+from fastfilm.kernels.gru_last_state import gru_last_state
 
 # ---------------------------------------------------------------- modules
 
@@ -256,7 +128,9 @@ class FusedResBlock(nn.Module):
                                      momentum=bn.momentum, eps=bn.eps)
 
     def _unfused_tail(self, y: Tensor, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-        return x + F.relu(gamma[:, :, None, None] * self.bn(y) + beta[:, :, None, None])
+        # The bn module itself, not F.batch_norm: with --sync-bn it is a GlobalBatchNorm
+        # (the reason this path exists there), and it counts num_batches_tracked.
+        return film_relu_residual(self.bn(y), x, gamma, beta)
 
     def forward(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
         """x: [B, C, h, w], gamma/beta: [B, C] -> [B, C, h, w]."""
@@ -278,7 +152,7 @@ def is_paper_block(cfg: ModelConfig, filmed: bool) -> bool:
     return filmed and cfg.film_position == "after_bn" and cfg.batchnorm and cfg.residual
 
 
-class FastFiLMNet(nn.Module):
+class FastFiLMNet(Freezable):
     """FiLMNet's parameters and function, computed with the fast path (see module docstring).
 
     Inputs and output as FiLMNet: images [B, 3, S, S] uint8 (any memory format), questions

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastfilm.config import ModelConfig, parse_film_blocks
+from fastfilm.model.freeze import Freezable
 
 # Pixels are standardised with ImageNet statistics, the convention of the ResNet
 # features the paper compares against; any fixed affine map would do.
@@ -274,7 +275,7 @@ class Classifier(nn.Module):
         return self.head(self.pool(x))
 
 
-class FiLMNet(nn.Module):
+class FiLMNet(Freezable):
     """The paper's CNN+GRU+FiLM network (Sec. 3), and every Table 2/3 ablation through ModelConfig."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_answers: int):
