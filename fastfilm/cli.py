@@ -3,7 +3,8 @@
 Each subcommand is (config dataclass, "module:function"); the module is imported only when
 its subcommand runs, so that `fastfilm --help` does not pay for torch's start-up. A field is
 a flag, its `help` metadata the flag's help; `positional=True` makes it an argument; a
-`nested(...)` field contributes the flags it names from another config.
+`nested(...)` field contributes the flags it names from another config; `optional=True` lets a
+positional argument be left out.
 
 Errors: a user's mistake (UserError) prints one line and exits 2; anything else is a bug
 and keeps its traceback.
@@ -60,7 +61,9 @@ def add_dataclass_arguments(parser, cls: type, *, defaults_from_preset: bool = F
             continue
         typ, help_text, dest = hints[f.name], f.metadata.get("help", ""), prefix + f.name
         if f.metadata.get("positional"):
-            parser.add_argument(dest, type=f.metadata.get("type", typ), help=help_text, nargs=f.metadata.get("nargs"))
+            # optional: may be left out (nargs "?"); the command says when it is needed.
+            extra = {"nargs": "?", "default": f.default} if f.metadata.get("optional") else {"nargs": f.metadata.get("nargs")}
+            parser.add_argument(dest, type=f.metadata.get("type", typ), help=help_text, **extra)
             continue
         default = (defaults or {}).get(f.name, f.default)
         shown = "preset" if defaults_from_preset else repr(default)

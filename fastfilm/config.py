@@ -166,18 +166,27 @@ def fast_config(cfg: FastConfig) -> FastConfig:
 @dataclass
 class TrainConfig(FastConfig):
     """`fastfilm train`: optimisation and run bookkeeping. Defaults are the paper's."""
-    data: str = _f("", "CLEVR-layout directory or a cache built by `fastfilm preprocess`", positional=True)
-    out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json")
+    data: str = _f("", "CLEVR-layout directory or a cache built by `fastfilm preprocess`; with --resume it may be "
+                   "left out (the run's own data is used) or given (it must hold the same questions)",
+                   positional=True, optional=True)
+    out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json; it must be new or empty "
+                  "(see --resume and --overwrite), and is locked while a training writes into it")
     preset: str = _f("auto", "model preset: paper, cpu, tiny, or auto (paper on a GPU, cpu on a CPU, said in one "
                      "line)", choices=("auto", *PRESETS))
     epochs: int = _f(80, "maximum epochs (paper: at most 80)")
-    batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64)")
+    batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64). Batch norm normalises over "
+                         "a step's questions, so it needs two: 1 is refused unless --no-batchnorm, and with batch "
+                         "norm an epoch's last batch of a single question is skipped (a different question each "
+                         "epoch: the order is reshuffled)")
     lr: float = _f(3e-4, "Adam learning rate for the global batch, world size x batch (paper: 3e-4)")
     weight_decay: float = _f(1e-5, "Adam weight decay (paper: 1e-5)")
     patience: int = _f(10, "early stopping: epochs without a better val accuracy before stopping (0: never)")
     max_minutes: float = _f(0.0, "stop cleanly after this many minutes, then evaluate and write metrics (0: no limit)")
     seed: int = _f(0, "seed for weights, data order and dropout")
-    resume: str = _f("", "run directory to continue exactly where it stopped")
+    resume: str = _f("", "run directory to continue exactly where it stopped (its own settings are kept; "
+                     "--epochs, --max-minutes, --device, --log-every, --eval-batch-size apply)")
+    overwrite: bool = _f(False, "train into an --out that holds files: first remove fastfilm's own there "
+                         "(metrics, checkpoints, vocab.json; nothing else)")
     init_from: str = _f("", "fine-tune: start from this run's best weights (run directory or checkpoint file) and "
                         "its model; DATA's new words get new embedding rows (docs/finetuning.md)")
     train_only: str = _f("all", "with --init-from: train only the question encoder and FiLM generator "
@@ -264,8 +273,8 @@ class QuickstartConfig:
     # stem; compile is off because its one-off cost exceeds what it saves in a few minutes
     # (docs/fastpath.md has the measurements).
     train: TrainConfig = nested(
-        TrainConfig, only=("preset", "epochs", "batch_size", "group_questions", "lr", "seed", "reference", "amp",
-                           "compile", "fused", "channels_last"),
+        TrainConfig, only=("preset", "epochs", "batch_size", "group_questions", "lr", "seed", "overwrite", "reference",
+                           "amp", "compile", "fused", "channels_last"),
         preset="cpu", epochs=100, lr=1e-3, group_questions=4, patience=0, compile=False)
 
 
@@ -345,9 +354,22 @@ def validate(cfg) -> None:
         _need(cfg.conv2_kernel % 2 == 1, "conv2_kernel", "must be odd (the output keeps its size)", cfg.conv2_kernel)
     if isinstance(cfg, TrainConfig) and cfg.train_only != "all" and not cfg.init_from:
         raise UserError(f"--train-only {cfg.train_only}: needs --init-from RUN (it freezes the rest of a trained model)")
+    if isinstance(cfg, TrainConfig) and cfg.resume and cfg.overwrite:
+        raise UserError(f"--resume {cfg.resume} continues a run and --overwrite starts one again: give one of them")
     for f in dataclasses.fields(cfg):
         if "nested" in f.metadata:
             validate(getattr(cfg, f.name))
+
+
+def validate_training(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """What `fastfilm train` refuses beyond validate(): no data to train on, and a batch of
+    one question for a model with batch norm, which normalises each unit over the questions
+    of a step: over one question it outputs a constant, and the model would learn nothing."""
+    if not cfg.data and not cfg.resume:
+        raise UserError("give DATA (a CLEVR-layout directory or a cache), or --resume RUN to continue a run")
+    if cfg.batch_size == 1 and model_cfg.batchnorm and not cfg.resume:
+        raise UserError("--batch-size 1: batch norm normalises each unit over the questions of a step and cannot "
+                        "train on one; use --batch-size 2 or more (the paper: 64), or --no-batchnorm")
 
 
 def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:

@@ -8,6 +8,7 @@ import torch
 
 import fastfilm.model
 from fastfilm import checkpoint as ckpt
+from fastfilm.cli import main
 from fastfilm.engine import trainer as train_mod
 from fastfilm.config import TrainConfig, model_config
 from fastfilm.data.types import type_of_program

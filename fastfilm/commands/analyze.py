@@ -54,7 +54,7 @@ def load(cfg: AnalyzeConfig) -> Loaded:
     if getattr(model, "film_generator", None) is None:
         raise UserError(f"{cfg.run}: a {meta.get('arch', '?')} model without FiLM-ed blocks; analyze needs a FiLM "
                         "model (--arch film with at least one FiLM-ed block)")
-    return Loaded(model, meta, split_for(loaded, cfg.data, cfg.split), Predictor(model, ex), device)
+    return Loaded(model, meta, split_for(loaded, cfg.data, cfg.split), Predictor(model, ex, vocab=loaded.vocab), device)
 
 
 def _noise_scales(text: str) -> tuple[float, ...]:

@@ -14,27 +14,29 @@ import torch.nn as nn
 from fastfilm.config import AnswerConfig
 from fastfilm.data import features as feats
 from fastfilm.data.decode import decode_pillow, read_encoded
-from fastfilm.data.vocab import Vocab
+from fastfilm.data.vocab import Vocab, tokenize
 from fastfilm.engine.build import load
 from fastfilm.engine.options import Execution
+from fastfilm.engine.predictor import Predictor, non_answers
 from fastfilm.errors import UserError
 from fastfilm.hardware import resolve_device
 
 
-@torch.inference_mode()
 def answer(model: nn.Module, vocab: Vocab, image: np.ndarray, question: str, top: int = 5,
            device: torch.device | None = None) -> tuple[list[tuple[str, float]], list[str]]:
     """image: [S, S, 3] uint8 at the model's input size, or for a features model the image's
-    feature [C, H, W] float. Returns ([(answer, probability)] best first, words not in the
-    vocabulary)."""
+    feature [C, H, W] float. Returns ([(answer, probability)] best first, at most `top`, never
+    a special token such as <UNK>; words not in the vocabulary)."""
     device = device or next(model.parameters()).device
     tokens, unknown = vocab.encode_question(question), vocab.unknown_words(question)
     questions = torch.tensor([tokens], device=device)
     lengths = torch.tensor([len(tokens)], device=device)
     images = torch.from_numpy(np.array(image))
     images = (images if images.is_floating_point() else images.permute(2, 0, 1))[None].to(device)
-    probs = model(images, questions, lengths).float().softmax(-1)[0]
-    p, i = probs.topk(min(top, probs.numel()))
+    # One question: the eager model answers it as fast as a compiled one would start.
+    predictor = Predictor(model, Execution(device=device, reference=True), vocab=vocab)
+    probs = predictor(images, questions, lengths).softmax(-1)[0]
+    p, i = probs.topk(min(top, probs.numel() - len(non_answers(vocab))))
     return [(vocab.idx_to_answer[int(k)], float(v)) for v, k in zip(p, i)], unknown
 
 
@@ -66,10 +68,10 @@ def load_feature(cfg: AnswerConfig, channels: int) -> np.ndarray:
 
 
 def run(cfg: AnswerConfig) -> int:
-    if not cfg.question:
-        raise UserError("give --question TEXT")
+    if not tokenize(cfg.question):
+        raise UserError(f"--question {cfg.question!r} is blank: ask a question in words, "
+                        "e.g. --question 'What color is the cube?'")
     device = resolve_device(cfg.device)
-    # One question: the eager reference model answers it as fast as a compiled one would start.
     loaded = load(cfg.checkpoint, Execution(device=device, reference=True))
     if loaded.config.input == "features":
         image = load_feature(cfg, loaded.config.feature_channels)

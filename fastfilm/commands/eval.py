@@ -15,6 +15,7 @@ from fastfilm.engine.build import load, split_for
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor, predict
+from fastfilm.engine.rundir import check_output_file, on_rank0
 
 
 def run(cfg: EvalConfig) -> int:
@@ -23,10 +24,13 @@ def run(cfg: EvalConfig) -> int:
 
 
 def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
+    # The output file is checked before the evaluation, not after it.
+    if cfg.predictions:
+        on_rank0(dctx, lambda: check_output_file(cfg.predictions, "--predictions"))
     ex = resolve(fast_config(cfg), dctx.device)
     loaded = load(cfg.checkpoint, ex)
     split = split_for(loaded, cfg.data, cfg.split)
-    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size)
+    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size, vocab=loaded.vocab)
     loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
                     **predictor.padding.loader_kwargs(split.questions.shape[1]))
     preds = predict(predictor, loader, dctx.device, progress=sys.stderr.isatty() and dctx.is_main)

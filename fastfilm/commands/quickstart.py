@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 from fastfilm.atomic import write_json
-from fastfilm.config import QuickstartConfig, model_config, resolve_preset
+from fastfilm.config import QuickstartConfig, model_config, resolve_preset, validate_training
 from fastfilm.data.cache import load_split, prepare
 from fastfilm.data.generate import run as generate
 from fastfilm.engine.metrics import accuracy_report, format_table
+from fastfilm.engine.rundir import check_new_run
 from fastfilm.engine.trainer import train
 from fastfilm.hardware import resolve_device
 from fastfilm.model import QTypeBaseline
@@ -44,6 +45,9 @@ def _bar_chart(rows: dict[str, dict], path: Path, title: str) -> None:
         print(f"[quickstart] no bar chart: {e}", file=sys.stderr)
 
 
+# The models trained, in training order, with their Table 1 titles.
+ARCHS = {"question_only": "GRU (question only)", "cnn_gru": "CNN+GRU", "film": "CNN+GRU+FiLM"}
+
 # Held back from FiLM's budget for what follows its training: the final evaluation and the table.
 _FINISH_S = 15.0
 
@@ -61,15 +65,19 @@ def run(cfg: QuickstartConfig) -> int:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data = out / "data"
-    _generate(cfg, data)
     preset = resolve_preset(cfg.train.preset, resolve_device(cfg.train.device).type)
+    # Refused before any work: a model that cannot train at this batch size, runs of an
+    # earlier quickstart that --overwrite was not given to replace.
+    validate_training(dataclasses.replace(cfg.train, data=str(data)), model_config(preset))
+    for arch in ARCHS:
+        check_new_run(out / "runs" / arch, cfg.train.overwrite)
+    _generate(cfg, data)
     cache = prepare(data, model_config(preset).image_size)
     print(f"[quickstart] data ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     rows: dict[str, dict] = {"Q-type": _qtype(cache)}
-    runs = [("question_only", "GRU (question only)", cfg.question_only_minutes),
-            ("cnn_gru", "CNN+GRU", cfg.cnn_gru_minutes),
-            ("film", "CNN+GRU+FiLM", cfg.film_minutes)]
+    minutes_of = {"question_only": cfg.question_only_minutes, "cnn_gru": cfg.cnn_gru_minutes, "film": cfg.film_minutes}
+    runs = [(arch, title, minutes_of[arch]) for arch, title in ARCHS.items()]
     for arch, title, minutes in runs:
         if arch == "film":
             minutes = film_minutes(cfg, time.perf_counter() - t0)

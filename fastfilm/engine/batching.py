@@ -4,10 +4,12 @@ A compiled model is specialised to static shapes, so that nothing recompiles wit
 epoch: question tensors are padded to one of a few length buckets, a batch's distinct
 images (questions grouped by image) to a multiple of IMAGE_MULTIPLE, and the last partial
 batch to the full batch size with weight-0 repeats. Eager models take every batch as it
-is, except that a training batch of one question is padded too (training-mode batch norm
-needs more than one value per channel). Batch norm statistics do see the padded samples
-(repeats of real ones): one step per epoch with a few duplicated questions; in eval mode
-the running statistics are used and padding changes nothing.
+is. Batch norm statistics do see the padded samples (repeats of real ones): one step per
+epoch with a few duplicated questions; in eval mode the running statistics are used and
+padding changes nothing. A training batch of a single question is not padded but skipped
+by the trainer when the model has batch norm: copies of one question have no variance, so
+batch norm would output a constant, teach nothing and pull its running statistics to that
+one sample (engine/trainer.py; a batch size of 1 is refused: config.validate_training).
 """
 from __future__ import annotations
 
@@ -50,9 +52,9 @@ class Padding:
         return {"buckets": length_buckets(max_length) if self.static else None,
                 "image_multiple": IMAGE_MULTIPLE if self.static else 0}
 
-    def pads_batch(self, n: int, batch_size: int, training: bool) -> bool:
+    def pads_batch(self, n: int, batch_size: int) -> bool:
         """Whether a batch of n questions is padded to batch_size."""
-        return n < batch_size and (self.static or (training and n == 1))
+        return n < batch_size and self.static
 
 
 def pad_batch(batch_size: int, *tensors: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastfilm.checkpoint import load_checkpoint, model_config_from
+from fastfilm.checkpoint import load_weights, model_config_from, read_checkpoint
 from fastfilm.config import ModelConfig
 from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
@@ -69,18 +69,15 @@ class Loaded:
 
 def load(checkpoint: str | Path, ex: Execution) -> Loaded:
     """The checkpoint's model built for `ex` (fast or reference: both load the same weights)."""
-    state, meta = load_checkpoint(checkpoint)
-    cfg = model_config_from(meta)
+    c = read_checkpoint(checkpoint)
+    cfg = model_config_from(c.meta)
     try:
-        vocab = Vocab(**meta["vocab"])
+        vocab = Vocab(**c.meta["vocab"])
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{checkpoint}: its vocabulary is unreadable ({e})") from None
+        raise UserError(f"{c.file}: its vocabulary is unreadable ({e})") from None
     model = build(cfg, vocab, ex)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{checkpoint}: weights do not fit a {cfg.arch} model with its saved config "
-                        f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return Loaded(model.eval(), cfg, vocab, meta)
+    load_weights(model, c.state, c.file)
+    return Loaded(model.eval(), cfg, vocab, c.meta)
 
 
 def check_vocab_matches(vocab: Vocab, cache: Path, data: str | Path) -> None:

@@ -8,9 +8,19 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+from fastfilm.data.vocab import SPECIAL_TOKENS, Vocab
 from fastfilm.engine.batching import Padding, pad_batch
 from fastfilm.engine.compile import can_compile, compiled
 from fastfilm.engine.options import Execution
+
+
+def non_answers(vocab: Vocab) -> list[int]:
+    """Ids of the answer table's special tokens (<NULL>, <START>, <END>, <UNK>). The table
+    holds them, as the original code's does, so the classifier has outputs for them; they
+    are never an answer (an answer outside the vocabulary is read as <UNK>, and predicting
+    <UNK> would score it as right)."""
+    table = vocab.answer_token_to_idx
+    return sorted(table[t] for t in SPECIAL_TOKENS if t in table)
 
 
 class Predictor:
@@ -19,10 +29,14 @@ class Predictor:
     Eval mode (the fused op's folded eval path), inference_mode and autocast. Compiled when
     ex.compile and the model compiles whole; then batches smaller than `batch_size` are
     padded to it (static shapes) and cut back. cuda_graphs=True replays CUDA graphs (CUDA only).
+    vocab: the logits of its non_answers are -inf, so that argmax and softmax never offer
+    them; the one place where predictions are masked (training is unchanged).
     """
 
-    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None, cuda_graphs: bool = False):
+    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None, cuda_graphs: bool = False,
+                 vocab: Vocab | None = None):
         self.model, self.ex = model, ex
+        self.excluded = torch.tensor(non_answers(vocab), dtype=torch.long, device=ex.device) if vocab else None
         if cuda_graphs and ex.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {ex.device}")
         self.cuda_graphs = cuda_graphs
@@ -42,7 +56,7 @@ class Predictor:
 
     def __call__(self, images: Tensor, questions: Tensor, lengths: Tensor) -> Tensor:
         b = images.size(0)
-        if self.batch_size is not None and self.padding.pads_batch(b, self.batch_size, training=False):
+        if self.batch_size is not None and self.padding.pads_batch(b, self.batch_size):
             (images, questions, lengths), _ = pad_batch(self.batch_size, images, questions, lengths)
         was_training = self.model.training
         self.model.eval()
@@ -51,6 +65,8 @@ class Predictor:
                 logits = self.forward(images, questions, lengths)
                 # CUDA graph replays reuse their output buffer: hand out a copy.
                 logits = logits[:b].clone() if self.cuda_graphs else logits[:b]
+                if self.excluded is not None and len(self.excluded):
+                    logits = logits.index_fill(1, self.excluded, float("-inf"))
         finally:
             self.model.train(was_training)
         return logits

@@ -10,6 +10,11 @@ A run directory RUN gets:
 
 --init-from RUN fine-tunes RUN's model (engine/finetune.py, docs/finetuning.md): its weights,
 token ids and answer set, with DATA re-encoded into them; --train-only freezes the rest.
+    lock               while a training runs: its pid, host and start time (engine/rundir.py)
+
+RUN must be new or empty, unless the run is resumed (--resume) or started again
+(--overwrite); paths are stored absolute, and a resumed run checks that its data still holds
+the questions it was trained on (a fingerprint of the train split, saved in the metadata).
 
 Under torchrun (WORLD_SIZE > 1) it trains data-parallel (engine/distributed.py,
 docs/distributed.md): each rank trains on its shard of every epoch's questions with
@@ -21,7 +26,9 @@ waiting in a collective.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -29,16 +36,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
-from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from
-from fastfilm.data.cache import load_split, load_vocab, prepare
+from fastfilm.atomic import atomic_write
+from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from, validate_training
+from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Batch, Loader
 from fastfilm.data.vocab import Vocab
-from fastfilm.engine import distributed, finetune
+from fastfilm.engine import distributed, finetune, rundir
 from fastfilm.engine.batching import pad_batch
 from fastfilm.engine.build import build, build_optimizer
 from fastfilm.engine.metrics import accuracy_report
@@ -78,6 +87,11 @@ class Progress:
     stale_epochs: int = 0       # complete epochs since the best one
     best_report: dict | None = None
     elapsed_s: float = 0.0
+
+    def position(self) -> str:
+        """Where the run stands, in words: 'after epoch 2' or 'after epoch 2 and 5 batches of epoch 3'."""
+        within = f" and {self.batch} batches of epoch {self.epoch + 1}" if self.batch else ""
+        return f"after epoch {self.epoch}{within}"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -126,44 +140,124 @@ def _check_world_size(run_dir: Path, saved: dict, world: int) -> None:
         f"exactly. Relaunch {how}, or start a new run (--out) instead of --resume.")
 
 
+# Flags a resumed run takes from the command line: when and where it runs and stops. Every
+# other setting is the run's own (changing it would not continue the same run).
+RESUME_HONOURS = ("epochs", "max_minutes", "dist_timeout_s", "device", "log_every", "eval_batch_size", "tensorboard")
+
+
+def _resumed_config(given: TrainConfig, saved: dict, run_dir: Path) -> TrainConfig:
+    """The run's saved TrainConfig with RESUME_HONOURS and DATA (when given) from `given`;
+    flags the user set to other values than the run's are named as ignored, in one note.
+    (An older fastfilm saved DATA as typed: a relative path is taken from the current
+    directory, and saved absolute from then on.)"""
+    run_cfg = train_config_from(saved)
+    default = TrainConfig()
+    ignored = [f"--{f.name.replace('_', '-')} {getattr(given, f.name)!r} (the run's: {getattr(run_cfg, f.name)!r})"
+               for f in dataclasses.fields(TrainConfig)
+               if f.name not in (*RESUME_HONOURS, "data", "out", "resume", "overwrite")
+               and getattr(given, f.name) != getattr(default, f.name)
+               and getattr(given, f.name) != getattr(run_cfg, f.name)]
+    if given.out != default.out and rundir.absolute(given.out) != run_dir:
+        ignored.append(f"--out {given.out!r} (a resumed run writes into its own directory)")
+    if ignored:
+        distributed.note(f"--resume {run_dir} keeps the run's own settings; ignored: {', '.join(ignored)}")
+    return dataclasses.replace(run_cfg, resume=str(run_dir), out=str(run_dir), overwrite=False,
+                               data=str(rundir.absolute(given.data or run_cfg.data)),
+                               **{name: getattr(given, name) for name in RESUME_HONOURS})
+
+
+def questions_fingerprint(split: SplitData) -> str:
+    """A hash of a split's questions, lengths, answers and image rows ([Q] and [Q, L] arrays):
+    equal iff the same questions, encoded with the same vocabulary, come in the same order.
+    It reads the arrays once (~0.3 GB for CLEVR's 700k training questions)."""
+    h = hashlib.sha256()
+    for a in (split.questions, split.lengths, split.answers, split.image_index):
+        a = np.ascontiguousarray(a)  # a memory-mapped array is contiguous already: no copy
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:32]
+
+
+def _files_in(run_dir: Path) -> str:
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.name != rundir.LOCK)
+    return ", ".join(names) if names else "nothing"
+
+
 class Trainer:
-    """Set up a run (data, model, optimizer, loaders), then `run()` it epoch by epoch."""
+    """Set up a run (data, model, optimizer, loaders), then `run()` it epoch by epoch.
+    The run directory is claimed (checked and locked) by train() before a Trainer is made."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, dctx: distributed.Dist, progress: bool | None):
         self.dctx, self.main = dctx, dctx.is_main  # only rank 0 writes files and prints
         self.show_bar = (sys.stderr.isatty() if progress is None else progress) and self.main
-        self.run_dir = Path(cfg.resume or cfg.out)
+        self.run_dir = rundir.absolute(cfg.resume or cfg.out)
+        self.data_given = cfg.data
         self.resumed = ckpt.load_training_state(self.run_dir) if cfg.resume else None
         if self.resumed:
-            # The run's own configuration wins, except for the stopping budget the user gives now.
             saved = self.resumed["meta"]
             _check_world_size(self.run_dir, saved, dctx.world_size)
             model_cfg = ckpt.model_config_from(saved)
-            cfg = dataclasses.replace(train_config_from(saved["train_config"]), resume=cfg.resume,
-                                      epochs=cfg.epochs, max_minutes=cfg.max_minutes,
-                                      dist_timeout_s=cfg.dist_timeout_s, tensorboard=cfg.tensorboard)
+            cfg = _resumed_config(cfg, saved["train_config"], self.run_dir)
+        else:
+            cfg = dataclasses.replace(cfg, data=str(rundir.absolute(cfg.data)), out=str(self.run_dir))
         # Fine-tuning trains RUN's model (resumed, the run's own checkpoint holds it already).
         self.init = finetune.load_init(cfg.init_from) if cfg.init_from and not self.resumed else None
         if self.init:
             model_cfg = self.init.model_cfg
             cfg = dataclasses.replace(cfg, preset=self.init.meta.get("train_config", {}).get("preset", cfg.preset))
         self.cfg, self.model_cfg = cfg, model_cfg
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Batch norm cannot train on one question (config.validate_training): a batch of one,
+        # the last of an epoch, is skipped.
+        self.skips_single, self.skip_noted = model_cfg.batchnorm, False
+        self.saved_at: str | None = None  # what RUN/last.pt holds, for the non-finite loss message
         self._load_data()
         self._build()
         self.progress = Progress()
         if self.resumed:
-            self.model.load_state_dict(self.resumed["model"])
-            self.optimizer.load_state_dict(self.resumed["optimizer"])
-            self.progress = Progress.from_json(self.resumed["progress"])
-            _set_rng_state(self.resumed["rng"])
-        self.tensorboard = TensorBoardLog.open(self.run_dir) if cfg.tensorboard and self.main else None
+            self._restore()
+        self.tensorboard = TensorBoardLog.open(self.run_dir) if self.cfg.tensorboard and self.main else None
+
+    def _restore(self) -> None:
+        """Model, optimizer, progress and RNG from last.pt; a state that does not fit this run is
+        refused in one line (the file named), before anything is trained."""
+        path, state = self.run_dir / ckpt.LAST, self.resumed
+        ckpt.load_weights(self.model, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.progress = Progress.from_json(state["progress"])
+            _set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: its training state does not fit this run ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        self.saved_at = self.progress.position()
+        if self.main:
+            self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """metrics.jsonl back to the lines of the steps last.pt holds: a training killed after
+        writing an epoch's line but before its last.pt (or in the middle of the line) would
+        otherwise have that epoch twice once resumed."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= self.progress.step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        text = "".join(kept)
+        if text != path.read_text():
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     # ------------------------------------------------------------ setup
 
     def _load_data(self) -> None:
         cfg = self.cfg
+        if self.resumed and not self.data_given and not Path(cfg.data).is_dir():
+            raise UserError(f"cannot resume {self.run_dir}: it was trained on {cfg.data}, which is not there now; "
+                            f"give its data: fastfilm train DATA --resume {self.run_dir}")
         # Every rank prepares the cache: a file lock lets one build it while the others wait
         # (no collective, so a long build does not run into --dist-timeout-s), then they map it.
         features = self.model_cfg.input == "features"
@@ -174,10 +268,6 @@ class Trainer:
             # RUN's ids with DATA's new words appended (resumed: the run's own, which must still cover DATA).
             base = Vocab(**self.resumed["meta"]["vocab"]) if self.resumed else self.init.vocab
             self.vocab = finetune.extend_vocab(base, data_vocab, cfg.data, cfg.init_from)
-        if self.resumed and self.resumed["meta"]["vocab"] != self.vocab.to_json():
-            raise UserError(f"cannot resume {self.run_dir}: {cfg.data} now has a different vocabulary or answer set")
-        if self.main:
-            self.vocab.save(self.run_dir / "vocab.json")
         self.train_split, self.val_split = load_split(cache, "train"), load_split(cache, "val")
         if cfg.init_from:  # the questions were cached in DATA's ids
             self.train_split, self.val_split = (finetune.remap_split(s, data_vocab, self.vocab)
@@ -190,6 +280,31 @@ class Trainer:
             # only a cache built by an older fastfilm can hold them.
             raise UserError(f"{cache}: the cached train split has questions without answers; rebuild it with "
                             f"`fastfilm preprocess {cfg.data} --force`, which names the records")
+        self.fingerprint = questions_fingerprint(self.train_split)
+        if self.resumed:
+            self._check_same_data()
+        if self.main:
+            self.vocab.save(self.run_dir / "vocab.json")
+
+    def _check_same_data(self) -> None:
+        """A resumed run continues on the data it was trained on: same vocabulary and answer
+        set, same training questions (by fingerprint), wherever that data is now."""
+        saved, data = self.resumed["meta"], self.cfg.data
+        trained_on = saved["train_config"].get("data", "?")
+        other = f"; it was trained on {trained_on}" if data != trained_on else ""
+        if saved["vocab"] != self.vocab.to_json():
+            raise UserError(f"cannot resume {self.run_dir}: {data} has another vocabulary or answer set than the "
+                            f"run{other}")
+        if "train_fingerprint" not in saved:
+            distributed.note(f"{self.run_dir} records no fingerprint of its training questions (an older "
+                             f"fastfilm): only the vocabulary of {data} was compared")
+        elif saved["train_fingerprint"] != self.fingerprint:
+            raise UserError(f"cannot resume {self.run_dir}: {data} does not hold the training questions of the run "
+                            f"({len(self.train_split)} train questions now, {saved.get('train_questions', '?')} "
+                            f"then, or the same number with other contents){other}")
+        if other:
+            distributed.note(f"resuming {self.run_dir} on {data}: the same questions and vocabulary as "
+                             f"{trained_on}, where it was started")
 
     def _build(self) -> None:
         cfg, dctx = self.cfg, self.dctx
@@ -214,7 +329,7 @@ class Trainer:
         step_model = distributed.wrap(self.model, dctx, compile=ex.compile, sync_bn=cfg.sync_bn)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, ex, apex=cfg.apex)
         self.step_fn = TrainStep(step_model, self.optimizer, ex)
-        self.predictor = Predictor(self.model, ex, batch_size=cfg.eval_batch_size)
+        self.predictor = Predictor(self.model, ex, batch_size=cfg.eval_batch_size, vocab=self.vocab)
         # The step and the predictor compile (or not) the same model: one padding policy.
         self.padding = self.predictor.padding
         shard = (dctx.rank, dctx.world_size)
@@ -223,6 +338,10 @@ class Trainer:
                              **self.padding.loader_kwargs(self.train_split.questions.shape[1]))
         self.val_loader = Loader(self.val_split, cfg.eval_batch_size, shuffle=False, device=dctx.device, shard=shard,
                                  **self.padding.loader_kwargs(self.val_split.questions.shape[1]))
+        if self.skips_single and self.loader.per_rank < 2:
+            raise UserError(f"{cfg.data}: {self.loader.per_rank} training question per step"
+                            f"{' and rank' if dctx.enabled else ''}, and batch norm cannot train on one; "
+                            "use more questions (--max-train-questions) or --no-batchnorm")
 
     # ------------------------------------------------------------ training
 
@@ -233,7 +352,7 @@ class Trainer:
         images, rows, weight = batch.images, [batch.questions, batch.lengths, batch.answers], None
         if grouped:
             rows.append(batch.image_index)
-        if self.padding.pads_batch(len(batch), self.cfg.batch_size, training=True):
+        if self.padding.pads_batch(len(batch), self.cfg.batch_size):
             if grouped:
                 rows, weight = pad_batch(self.cfg.batch_size, *rows)
             else:
@@ -241,9 +360,25 @@ class Trainer:
         return self.step_fn(images, *rows[:3], weight=weight, image_index=rows[3] if grouped else None)
 
     def _check_finite(self, loss: float, where: str) -> None:
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss {where}; last good checkpoint: "
-                                f"{self.run_dir / ckpt.LAST}. Try a lower --lr.")
+        if math.isfinite(loss):
+            return
+        if self.saved_at is not None:
+            kept = f"the last good checkpoint is {self.run_dir / ckpt.LAST} ({self.saved_at})"
+        else:
+            kept = (f"no checkpoint was written yet (the first comes at the end of epoch 1); "
+                    f"{self.run_dir} holds {_files_in(self.run_dir)}")
+        raise NonFiniteLoss(f"non-finite loss {where}; {kept}. Try a lower --lr.")
+
+    def _skip(self, batch: Batch) -> bool:
+        """Whether to skip a batch: one question, and batch norm (see __init__). Every rank
+        skips alike: shards have the same number of questions (data/loader.py)."""
+        if len(batch) > 1 or not self.skips_single:
+            return False
+        if not self.skip_noted:  # once per run, not every epoch
+            self.skip_noted = True
+            distributed.note("an epoch's last batch holds one question, which batch norm cannot train on: it is "
+                             "skipped (a different question each epoch; see --batch-size in `fastfilm train --help`)")
+        return True
 
     def train_epoch(self, t_start: float, budget_s: float) -> EpochResult:
         """Train from the current batch to the end of the epoch, or until the time budget."""
@@ -256,6 +391,10 @@ class Trainer:
         bar = epoch_bar(len(self.loader), p.batch, step_questions, desc=f"epoch {p.epoch + 1}/{self.cfg.epochs}",
                         disable=not self.show_bar)
         for batch in self.loader.epoch(p.epoch, start_batch=p.batch):
+            if self._skip(batch):
+                p.batch += 1  # its place in the epoch still counts, for exact resume
+                bar.update(step_questions)
+                continue
             batch = batch.to(device, non_blocking=True)
             loss, hits = self._step(batch)
             loss_sum += loss * len(batch)
@@ -297,7 +436,8 @@ class Trainer:
     def _meta(self, **extra) -> dict:
         return {"arch": self.model_cfg.arch, "model_config": dataclasses.asdict(self.model_cfg),
                 "train_config": dataclasses.asdict(self.cfg), "vocab": self.vocab.to_json(),
-                "world_size": self.dctx.world_size, **extra}
+                "world_size": self.dctx.world_size, "train_fingerprint": self.fingerprint,
+                "train_questions": len(self.train_split), **extra}
 
     def save_state(self) -> None:
         ckpt.save_training_state(self.run_dir, {
@@ -305,6 +445,7 @@ class Trainer:
             # json text: weights_only loading accepts it whatever the nested types are.
             "progress": self.progress.to_json(), "meta": self._meta(),
         })
+        self.saved_at = self.progress.position()
 
     def record(self, result: EpochResult, report: dict) -> None:
         """metrics.jsonl line, best checkpoint, training state and the epoch's log line."""
@@ -372,8 +513,15 @@ class Trainer:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = None) -> dict:
     """Train, evaluate on val each epoch, keep the best; returns the final metrics dict
-    (the same on every rank under torchrun)."""
-    with distributed.session(cfg.device, cfg.dist_timeout_s) as dctx:
+    (the same on every rank under torchrun).
+
+    Before any work the run directory is claimed by rank 0 (engine/rundir.py: created, checked
+    to be new, resumed or overwritten, and locked until this returns or raises); every rank
+    hears its verdict, so that a refusal ends the whole job at once."""
+    validate_training(cfg, model_cfg)
+    with distributed.session(cfg.device, cfg.dist_timeout_s) as dctx, contextlib.ExitStack() as held:
+        claim = rundir.claim(cfg.resume or cfg.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+        rundir.on_rank0(dctx, lambda: held.enter_context(claim))
         # model_cfg is what is built; the run's files name the preset it came from, never 'auto'.
         cfg = dataclasses.replace(cfg, preset=resolve_preset(cfg.preset, dctx.device.type))
         return Trainer(cfg, model_cfg, dctx, progress).run()
