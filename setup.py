@@ -12,6 +12,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastfilm", "fastfilm.*"]) + ["fastfilm.kernels"],
     package_dir={"fastfilm.kernels": "kernels"},
+    # The measured decoder speeds `--decoder auto` chooses by (benchmarks/decoder_table.py).
+    package_data={"fastfilm.data": ["decoder_speeds.json"]},
     # torch is left unpinned so that GPU users bring their own build; on a CPU-only
     # machine install `torch==2.13.0` in the same pip command (see README).
     install_requires=[

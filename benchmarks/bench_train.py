@@ -1,8 +1,14 @@
 """Issue 5's end-to-end benchmark: the reference model (eager fp32) against the fast path.
 
-    python benchmarks/bench_train.py --preset cpu --device cpu --json benchmarks/results/train_cpu.json
+    python benchmarks/bench_train.py --preset cpu --device cpu --json 'benchmarks/results/train_{kind}.json'
     python benchmarks/bench_train.py --preset paper --device cuda --epoch-questions 700000 \\
-        --json benchmarks/results/train_cuda.json
+        --json 'benchmarks/results/train_{kind}.json'
+
+`{kind}` in --json becomes the machine kind (hardware.machine_kind: cpu-amx, cpu-avx2,
+cuda-sm90, ...), so that each kind of machine keeps its own results file; any other path is
+written exactly as given. The results record the CPU's ISA (AMX, AVX-512 BF16, AVX2) and
+the matmul peaks measured in the run (`matmul_peak_tflops`, `matmul_peak_n`), next to
+harness.machine().
 
 One process, one preset, the same synthetic batches (nanoGPT-style: no data loader) for every
 candidate, timed interleaved by benchmarks/harness.py so machine noise hits all alike:
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ratios, time_interleaved, write_results  # noqa: E402
+from harness import ratios, time_interleaved, write_results_to  # noqa: E402
 
 VOCAB, ANSWERS, MAX_LENGTH = 93, 28, 46  # CLEVR: 93 question tokens, 28 answers, 46 tokens at most
 
@@ -49,8 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=4,
                    help="also time training on batches of K questions per image, sharing the stem (0: skip)")
     p.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (compile times are then warm)")
-    p.add_argument("--json", default="", help="write the results here (e.g. benchmarks/results/train_cpu.json)")
+    p.add_argument("--json", default="", metavar="PATH",
+                   help="write the results to exactly PATH; '{kind}' in it becomes the machine kind "
+                        "(e.g. 'benchmarks/results/train_{kind}.json')")
     return p.parse_args(argv)
+
+
+def results_path(arg: str, kind: str) -> Path | None:
+    """Where --json writes: PATH as given, with '{kind}' replaced by the machine kind; None without --json."""
+    return Path(arg.replace("{kind}", kind)) if arg else None
+
+
+def save(args: argparse.Namespace, payload: dict, device: torch.device) -> Path | None:
+    """Write {machine, **payload} to --json's path (exactly it); the path, or None without --json."""
+    from fastfilm.hardware import machine_kind
+
+    path = results_path(args.json, machine_kind(device))
+    if path is not None:
+        write_results_to(path, payload, device=str(device))
+    return path
 
 
 def synthetic_batches(n: int, batch_size: int, image_size: int, device: torch.device, seed: int = 0) -> list:
@@ -163,7 +186,7 @@ def main(argv=None) -> int:
     from fastfilm.engine.predictor import Predictor
     from fastfilm.engine.step import TrainStep
     from fastfilm.engine.build import build_optimizer
-    from fastfilm.hardware import resolve_device
+    from fastfilm.hardware import cpu_isa, machine_kind, resolve_device
     from fastfilm.model import build_model
 
     if args.threads:
@@ -257,6 +280,7 @@ def main(argv=None) -> int:
                          "speedup_over_reference": train_x[name]}
                   for name in results if "+group" in name}
     payload = {
+        "machine_kind": machine_kind(device), "isa": cpu_isa(),
         "preset": args.preset, "device": str(device), "batch_size": b, "steps": args.steps,
         "cuda_graphs": args.cuda_graphs,
         "threads": torch.get_num_threads(), "cold_compile": not args.warm_cache,
@@ -267,11 +291,13 @@ def main(argv=None) -> int:
         "reference_batch1_latency_ms": ref["batch1_latency_ms"], "fast_batch1_latency_ms": fast["batch1_latency_ms"],
         "epoch_questions": args.epoch_questions, "reference_epoch_s": ref["epoch_s"], "fast_epoch_s": fast["epoch_s"],
         "matmul_peak_tflops": {k: v["tflops"] for k, v in peaks.items()},
+        "matmul_peak_n": {k: v["n"] for k, v in peaks.items()},  # square matmul side that reached the peak
         "model_gflop_per_step": {"train": flops_train / 1e9, "infer": flops_infer / 1e9,
                                  f"train_group{args.group}": flops_grouped / 1e9},
         "ablation": ablation, "questions_per_image": group_gain, "candidates": results,
     }
-    print(f"{args.preset} preset on {device} ({torch.get_num_threads()} threads), batch {b}; "
+    print(f"{args.preset} preset on {device}, {machine_kind(device)} (ISA {cpu_isa()}, {torch.get_num_threads()} "
+          f"threads), batch {b}; "
           f"matmul peak fp32 {peaks['fp32']['tflops'] * 1e3:.0f} GFLOP/s, bf16 {peaks['bf16']['tflops'] * 1e3:.0f}")
     print(f"{'candidate':22} {'amp':>8} {'train q/s':>10} {'x ref':>6} {'infer q/s':>10} {'x ref':>6} "
           f"{'MFU tr':>7} {'mem MB':>7} {'compile s':>10}")
@@ -283,9 +309,9 @@ def main(argv=None) -> int:
               f"{r['train_compile_s'] + r['infer_compile_s']:10.1f}" + (f"  (= {twin})" if name in same_as else ""))
     print(f"batch-1 latency: reference {ref['batch1_latency_ms']:.1f} ms, fast {fast['batch1_latency_ms']:.1f} ms; "
           f"epoch of {args.epoch_questions} questions: reference {ref['epoch_s']:.0f} s, fast {fast['epoch_s']:.0f} s")
-    if args.json:
-        out = Path(args.json)
-        print(f"wrote {write_results(out.stem, payload, out.parent)}")
+    path = save(args, payload, device)
+    if path is not None:
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """What every fastfilm benchmark shares: the machine record, and the timing of end-to-end runs.
 
-`machine()` says what numbers were measured on (CPU model and ISA flags, device, versions,
-commit); every results file carries it: pytest-benchmark's JSON under
+`machine()` says what numbers were measured on (CPU model and ISA flags, the ISA and machine
+kind fastfilm picks its defaults by, device, versions, commit); every results file carries it: pytest-benchmark's JSON under
 machine_info["fastfilm"] (benchmarks/conftest.py), the end-to-end scripts' JSON under
 "machine" (`write_results`).
 
@@ -36,9 +36,13 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 PACKAGES = ("numpy", "pillow", "triton", "nvidia-dali-cuda120", "pytest-benchmark")
 
 
-def machine() -> dict:
-    """What the numbers were measured on."""
+def machine(device: str | None = None) -> dict:
+    """What the numbers were measured on. `device` (default: cpu) names the machine kind:
+    fastfilm.hardware.machine_kind of it, e.g. 'cpu-amx', 'cpu-avx2', 'cuda-sm90', the key
+    results are filed under (benchmarks/results/<bench>_<kind>.json)."""
     import torch
+
+    from fastfilm.hardware import cpu_isa, machine_kind
 
     cpu_name, flags = _cpuinfo()
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -47,6 +51,8 @@ def machine() -> dict:
         "processor": cpu_name,
         "cpu_flags": {f: f in flags for f in ISA_FLAGS} if flags else None,  # None: no /proc/cpuinfo
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": cpu_isa(),
+        "machine_kind": machine_kind(torch.device(device or "cpu")),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -134,10 +140,16 @@ def ratios(results: dict[str, dict], baseline: str) -> dict[str, float]:
     return {name: base / r["median_s"] for name, r in results.items()}
 
 
-def write_results(name: str, payload: dict, directory: Path | None = None) -> Path:
+def write_results(name: str, payload: dict, directory: Path | None = None, *, device: str | None = None) -> Path:
     """Atomically write {machine, **payload} to benchmarks/results/NAME.json."""
-    directory = directory or RESULTS
-    return write_json(directory / f"{name}.json", {"machine": machine(), **payload})
+    return write_results_to((directory or RESULTS) / f"{name}.json", payload, device=device)
+
+
+def write_results_to(path: str | Path, payload: dict, *, device: str | None = None) -> Path:
+    """Atomically write {machine(device), **payload} to exactly `path` (a name without .json stays so)."""
+    path = Path(path)
+    write_json(path, {"machine": machine(device), **payload})
+    return path
 
 
 # ------------------------------------------------------------ pytest-benchmark

@@ -60,8 +60,10 @@ class PreprocessConfig:
     image_size: int = _f(224, "square side the images are resized to (paper: 224)")
     splits: str = _f("train,val", "comma-separated splits to cache (those present)")
     vocab: str = _f("", "existing vocab.json to use instead of building one from the train split")
-    decoder: str = _f("auto", "image decoder: dali, pillow, or auto (DALI when installed)",
-                      choices=("auto", "dali", "pillow"))
+    decoder: str = _f("auto", "image decoder: pillow; dali (DALI decodes and resizes); dali+pillow (DALI decodes, "
+                      "Pillow resizes: Pillow's pixels); auto (the fastest measured on this kind of machine for "
+                      "the size, said in one line; Pillow where none was measured)",
+                      choices=("auto", "dali", "dali+pillow", "pillow"))
     device: str = _f("cpu", "DALI device: cpu, or gpu for a 'mixed' pipeline (JPEG decodes on the GPU, PNG on the CPU)",
                      choices=("cpu", "gpu"))
     skip_bad: bool = _f(False, "skip corrupt or missing images and malformed records (and count them) instead of stopping")
@@ -115,6 +117,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def resolve_preset(preset: str, device_type: str) -> str:
+    """--preset as the preset that will be built: 'auto' is the paper's model on a GPU and the
+    `cpu` preset on anything else, where the paper's model trains too slowly to learn within
+    a session (README, "Choosing the cpu preset"); any other name stays as it is."""
+    if preset != "auto":
+        return preset
+    return "paper" if device_type == "cuda" else "cpu"
+
+
+def describe_preset(name: str) -> str:
+    """A preset's size in words, from PRESETS: '48 px, 3-layer stem, 32 channels, GRU 128'."""
+    c = model_config(name)
+    return f"{c.image_size} px, {c.stem_layers}-layer stem, {c.channels} channels, {c.num_blocks} ResBlocks, GRU {c.rnn_dim}"
+
+
 def model_config(preset: str = "paper", **overrides) -> ModelConfig:
     """The named preset with `overrides` (None values ignored) applied on top."""
     if preset not in PRESETS:
@@ -159,7 +176,8 @@ class TrainConfig(FastConfig):
                    positional=True, optional=True)
     out: str = _f("runs/film", "run directory: checkpoints, metrics.jsonl, metrics.json; it must be new or empty "
                   "(see --resume and --overwrite), and is locked while a training writes into it")
-    preset: str = _f("paper", "model preset", choices=tuple(PRESETS))
+    preset: str = _f("auto", "model preset: paper, cpu, tiny, or auto (paper on a GPU, cpu on a CPU, said in one "
+                     "line)", choices=("auto", *PRESETS))
     epochs: int = _f(80, "maximum epochs (paper: at most 80)")
     batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64). Batch norm normalises over "
                          "a step's questions, so it needs two: 1 is refused unless --no-batchnorm, and with batch "

@@ -157,6 +157,9 @@ def test_the_build_log_says_which_device_decodes_png_and_jpeg():
     mixed = decode.describe_decoding("dali", "gpu:1", 4)
     assert "GPU 1" in mixed and "JPEG decoded on the GPU" in mixed and "PNG on the CPU (4 threads" in mixed
     assert decode.describe_decoding("dali", "gpu", 4).startswith("DALI 'mixed' on GPU 0")
+    assert decode.describe_decoding("dali+pillow", "cpu", 1) == (
+        "DALI on the CPU (1 thread): PNG and JPEG decoded on the CPU, resized by Pillow")
+    assert decode.describe_decoding("dali+pillow", "gpu:0", 1).endswith("; resized by Pillow on the CPU")
 
 
 def test_a_cache_build_records_its_decoding(generated_clevr, tmp_path, capsys):
@@ -181,7 +184,7 @@ def test_a_mixed_dali_build_says_which_device_decodes_what(generated_clevr, tmp_
         assert (kw["backend"], kw["device"]) == ("dali", "gpu:0")
         out[:] = 0
         return []
-    monkeypatch.setattr(cache, "resolve_backend", lambda decoder: "dali")
+    monkeypatch.setattr(cache, "choose_decoder", lambda decoder, size, device: decode.DecoderChoice("dali", "test"))
     monkeypatch.setattr(cache, "decode_images", fake_decode)
     path = cache.prepare(generated_clevr, 8, cache=tmp_path / "c", splits=("val",), decoder="dali", device="gpu:0",
                          workers=2)

@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 from fastfilm.atomic import write_json
-from fastfilm.config import QuickstartConfig, model_config, validate_training
+from fastfilm.config import QuickstartConfig, model_config, resolve_preset, validate_training
 from fastfilm.data.cache import load_split, prepare
 from fastfilm.data.generate import run as generate
 from fastfilm.engine.metrics import accuracy_report, format_table
 from fastfilm.engine.rundir import check_new_run
 from fastfilm.engine.trainer import train
+from fastfilm.hardware import resolve_device
 from fastfilm.model import QTypeBaseline
 from fastfilm.errors import UserError
 
@@ -64,14 +65,14 @@ def run(cfg: QuickstartConfig) -> int:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data = out / "data"
+    preset = resolve_preset(cfg.train.preset, resolve_device(cfg.train.device).type)
     # Refused before any work: a model that cannot train at this batch size, runs of an
     # earlier quickstart that --overwrite was not given to replace.
-    validate_training(dataclasses.replace(cfg.train, data=str(data)), model_config(cfg.train.preset))
+    validate_training(dataclasses.replace(cfg.train, data=str(data)), model_config(preset))
     for arch in ARCHS:
         check_new_run(out / "runs" / arch, cfg.train.overwrite)
     _generate(cfg, data)
-    preset = model_config(cfg.train.preset)
-    cache = prepare(data, preset.image_size)
+    cache = prepare(data, model_config(preset).image_size)
     print(f"[quickstart] data ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
     rows: dict[str, dict] = {"Q-type": _qtype(cache)}
@@ -85,7 +86,7 @@ def run(cfg: QuickstartConfig) -> int:
                       f"--max-total-minutes {cfg.max_total_minutes:g}", file=sys.stderr)
         tcfg = dataclasses.replace(cfg.train, data=str(cache), out=str(out / "runs" / arch), max_minutes=minutes)
         print(f"[quickstart] training {title} for up to {minutes:g} min", file=sys.stderr)
-        metrics = train(tcfg, model_config(cfg.train.preset, arch=arch))
+        metrics = train(tcfg, model_config(preset, arch=arch))
         rows[title] = {"accuracy": metrics["val_accuracy"], "per_type": metrics["per_type"]}
 
     table = format_table(rows)

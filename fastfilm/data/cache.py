@@ -41,7 +41,7 @@ import numpy as np
 
 from fastfilm.data import features as feats
 from fastfilm.data import reader
-from fastfilm.data.decode import decode_images, describe_decoding, resolve_backend
+from fastfilm.data.decode import QUIET_BELOW, choose_decoder, decode_images, describe_decoding
 from fastfilm.data.vocab import SPECIAL_TOKENS, UNK, Vocab, tokenize
 from fastfilm.atomic import current_umask, write_json
 from fastfilm.errors import UserError
@@ -417,15 +417,18 @@ def _needs_answers(split: str) -> bool:
 def _build(data: Path, target: Path, image_size: int, present: list[str], sources: dict,
            vocab: Vocab | None, decoder: str, device: str, skip_bad: bool, workers: int) -> None:
     t0 = time.time()
-    backend = None if image_size == FEATURES else resolve_backend(decoder)
+    choice = None if image_size == FEATURES else choose_decoder(decoder, image_size, device=device)
+    questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
+                 for s in present}
+    if choice and decoder == "auto" and sum(len(set(q.image_files)) for q in questions.values()) >= QUIET_BELOW:
+        print(f"fastfilm: {choice.why}", file=sys.stderr)
+    backend = choice.backend if choice else None
     decoding = describe_decoding(backend, device, workers) if backend else None  # a features cache decodes none
-    if backend == "dali" and device != "cpu":
+    if backend and backend != "pillow" and device != "cpu":
         # Split across devices (JPEG on the GPU, PNG on the CPU): said when it starts. Kept in
         # meta.json and `preprocess`'s summary in every case, never as a line that would
         # precede a user error's one line.
         print(f"fastfilm: building cache {target}: {decoding}", file=sys.stderr)
-    questions = {s: reader.read_split(data, s, skip_bad=skip_bad, require_answers=_needs_answers(s))
-                 for s in present}
     vocab_source = "given"
     if vocab is None:
         train = _train_split(data, present)
@@ -454,7 +457,8 @@ def _build(data: Path, target: Path, image_size: int, present: list[str], source
         meta = {"format": FORMAT, "version": VERSION, "source": str(data), "cache": str(target),
                 "input": FEATURES if features else "pixels", "image_size": None if features else image_size,
                 "vocab_fingerprint": vocab.fingerprint(), "vocab_source": vocab_source,
-                "skip_bad": skip_bad, "decoder": backend, "decoding": decoding, "built_s": round(time.time() - t0, 2),
+                "skip_bad": skip_bad, "decoder": backend, "decoder_choice": choice.why if choice else None,
+                "decoding": decoding, "built_s": round(time.time() - t0, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits_meta}
         write_json(tmp / META, meta)  # last: only now is the directory a cache
         _swap_into_place(tmp, target)
@@ -553,6 +557,8 @@ def run(cfg) -> int:
               else "features read in place from " + ", ".join(sorted({i["features"]["file"]
                                                                      for i in meta["splits"].values()})))
     print(f"cache {path} ({served}, built in {meta['built_s']} s, ready in {time.time() - t0:.1f} s)")
+    if meta.get("decoder_choice"):
+        print(f"  {meta['decoder_choice']}")
     for name, info in meta["splits"].items():
         skipped = info["skipped_records"] + info["skipped_images"]
         print(f"  {name}: {info['questions']} questions, {info['images']} images, max length {info['max_length']}"

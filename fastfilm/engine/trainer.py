@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.atomic import atomic_write
-from fastfilm.config import ModelConfig, TrainConfig, fast_config, train_config_from, validate_training
+from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from, validate_training
 from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Batch, Loader, resident_bytes, resident_decision
@@ -60,6 +60,20 @@ from fastfilm.errors import UserError
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# The bar counts questions, a batch per rank and step, so tqdm's rate is questions/s over all
+# ranks and its remaining time is the epoch's ETA, with no host sync to learn either (a
+# partial last batch counts as a whole one).
+BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} questions "
+              "[{rate_fmt}, {elapsed} done, epoch ends in {remaining}{postfix}]")
+
+
+def epoch_bar(total: int, done: int, questions_per_step: int, **kwargs) -> tqdm:
+    """The progress bar of an epoch of `total` steps, `done` of them already; the loop calls
+    `bar.update(questions_per_step)` after each step."""
+    return tqdm(total=total * questions_per_step, initial=done * questions_per_step, unit=" q",
+                bar_format=BAR_FORMAT, leave=False, **kwargs)
 
 
 @dataclass
@@ -384,11 +398,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen, t_epoch, complete = 0, time.perf_counter(), True
-        bar = tqdm(self.loader.epoch(p.epoch, start_batch=p.batch), total=len(self.loader), initial=p.batch,
-                   desc=f"epoch {p.epoch + 1}/{self.cfg.epochs}", disable=not self.show_bar, leave=False)
-        for batch in bar:
+        step_questions = self.cfg.batch_size * dctx.world_size
+        bar = epoch_bar(len(self.loader), p.batch, step_questions, desc=f"epoch {p.epoch + 1}/{self.cfg.epochs}",
+                        disable=not self.show_bar)
+        for batch in self.loader.epoch(p.epoch, start_batch=p.batch):
             if self._skip(batch):
                 p.batch += 1  # its place in the epoch still counts, for exact resume
+                bar.update(step_questions)
                 continue
             batch = batch.to(device, non_blocking=True)
             loss, hits = self._step(batch)
@@ -397,6 +413,7 @@ class Trainer:
             seen += len(batch)
             p.batch += 1
             p.step += 1
+            bar.update(step_questions)
             over_budget = time.perf_counter() - t_start > budget_s
             if p.step % self.cfg.log_every == 0:
                 # The only host syncs of the loop: loss check and progress display. Under torchrun
@@ -404,8 +421,7 @@ class Trainer:
                 # rank 0's time-budget verdict.
                 g_loss, g_correct, g_seen, over_budget = dctx.totals(loss_sum, correct, seen, over_budget)
                 self._check_finite(g_loss / g_seen, f"at step {p.step} (epoch {p.epoch + 1})")
-                bar.set_postfix(loss=f"{g_loss / g_seen:.3f}", acc=f"{g_correct / g_seen:.3f}",
-                                qps=f"{g_seen / (time.perf_counter() - t_epoch):.0f}")
+                bar.set_postfix(loss=f"{g_loss / g_seen:.3f}", acc=f"{g_correct / g_seen:.3f}")
             elif dctx.enabled:
                 over_budget = False  # ranks' clocks differ: stop only where all hear rank 0
             if over_budget:
@@ -465,7 +481,9 @@ class Trainer:
             self.save_state()
             # One line per epoch even without a terminal (logs, CI), where the bar is off.
             print(f"[{self.run_dir.name}] epoch {p.epoch}: train loss {result.loss:.3f}, val "
-                  f"{100 * (report['accuracy'] or 0):.2f}%, {line['train_questions_per_s']:.0f} q/s", file=sys.stderr)
+                  f"{100 * (report['accuracy'] or 0):.2f}%, {line['train_questions_per_s']:.0f} q/s, "
+                  f"{'epoch' if result.complete else 'part of an epoch'} trained in "
+                  f"{tqdm.format_interval(result.seconds)}", file=sys.stderr)
 
     def run(self) -> dict:
         """Train until the epochs, the time budget or early stopping end it; returns the final
@@ -523,4 +541,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, progress: bool | None = N
     with distributed.session(cfg.device, cfg.dist_timeout_s) as dctx, contextlib.ExitStack() as held:
         claim = rundir.claim(cfg.resume or cfg.out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
         rundir.on_rank0(dctx, lambda: held.enter_context(claim))
+        # model_cfg is what is built; the run's files name the preset it came from, never 'auto'.
+        cfg = dataclasses.replace(cfg, preset=resolve_preset(cfg.preset, dctx.device.type))
         return Trainer(cfg, model_cfg, dctx, progress).run()
