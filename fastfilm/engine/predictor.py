@@ -19,9 +19,13 @@ class Predictor:
     Eval mode (the fused op's folded eval path), inference_mode and autocast. Compiled when
     ex.compile and the model compiles whole; then batches smaller than `batch_size` are
     padded to it (static shapes) and cut back. cuda_graphs=True replays CUDA graphs (CUDA only).
+    frozen=True (compiled only) compiles the weights in as constants (engine.compile.compiled's
+    freeze: batch norm folded, weights prepacked once): for a model that is done training
+    (eval, answer), never for the trainer's, whose later weights it would not see.
     """
 
-    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None, cuda_graphs: bool = False):
+    def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None, cuda_graphs: bool = False,
+                 frozen: bool = False):
         self.model, self.ex = model, ex
         if cuda_graphs and ex.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {ex.device}")
@@ -30,7 +34,7 @@ class Predictor:
         self.padding = Padding(static=use_compile)
         self.batch_size = batch_size
         if use_compile:
-            self.forward = compiled(self._forward, mode="reduce-overhead" if cuda_graphs else None)
+            self.forward = compiled(self._forward, mode="reduce-overhead" if cuda_graphs else None, freeze=frozen)
         elif cuda_graphs:
             self.forward = compiled(self._forward, backend="cudagraphs", fullgraph=False)
         else:
