@@ -124,7 +124,8 @@ def resolve(cfg: FastConfig, device: torch.device | str) -> Execution:
     asked += [f"--{'' if value else 'no-'}{name.replace('_', '-')}" for name, value in
               (("compile", cfg.compile), ("fused", cfg.fused), ("channels_last", cfg.channels_last))
               if value is not None]
-    why = ([f"defaults from {table.source}"] if len(asked) < 4 else []) + ([f"asked: {' '.join(asked)}"] if asked else [])
+    why = [f"defaults from {table.source}"] if len(asked) < 4 else []
+    why += [f"asked: {' '.join(asked)}"] if asked else []
     note(f"{kind}: {describe(ex)} ({'; '.join(why)})")
     return ex
 
