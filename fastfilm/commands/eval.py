@@ -29,7 +29,8 @@ def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
     cache = prepare(cfg.data, loaded.config.image_size, splits=(cfg.split,))
     check_vocab_matches(loaded.vocab, cache, cfg.data)
     split = load_split(cache, cfg.split)
-    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size)
+    # The weights are final: freeze them into the compiled graph (engine/predictor.py).
+    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size, frozen=True)
     loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
                     **predictor.padding.loader_kwargs(split.questions.shape[1]))
     preds = predict(predictor, loader, dctx.device, progress=sys.stderr.isatty() and dctx.is_main)
