@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import ANSWERS, VOCAB, synthetic_batches  # noqa: E402
-from harness import machine, write_results  # noqa: E402
+from harness import machine  # noqa: E402
+
+from fastfilm.atomic import atomic_write, write_json  # noqa: E402
 
 # (group, name fragments), first match wins. Ops are matched on their lower-cased names.
 # "claims" groups take every op nested inside them (a matmul inside the GRU op is GRU time).
@@ -94,7 +96,8 @@ def _is_scope(event) -> bool:
     """A user/torch scope (record_function: 'ProfilerStep', 'Torch-Compiled Region', ...), not an op:
     its self time is Python running inside it, counted as overhead."""
     name = event.name
-    return "::" not in name and not name.startswith(("cpp_fused", "kernel_cpp")) and "Optimizer" not in name
+    # Inductor's kernels are recorded as e.g. "graph_0_cpp_fused_add_relu_3".
+    return "::" not in name and "cpp_fused" not in name and "kernel_cpp" not in name and "Optimizer" not in name
 
 
 def profile(fn, steps: int) -> dict:
@@ -170,15 +173,13 @@ def main(argv=None) -> int:
     payload = {"command": command, "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps,
                "isa": cpu_isa(), "machine_kind": machine_kind(device), "threads": torch.get_num_threads(),
                "candidates": results}
-    text = markdown(payload, machine())
+    mach = machine()
+    if args.json:
+        write_json(Path(args.json), {"machine": mach, **payload})
+    text = markdown(payload, mach)
     print(text)
     if args.md:
-        from fastfilm.atomic import atomic_write
-
-        atomic_write(Path(args.md), text.encode())
-    if args.json:
-        out = Path(args.json)
-        print(f"wrote {write_results(out.stem, payload, out.parent)}", file=sys.stderr)
+        atomic_write(Path(args.md), lambda tmp: Path(tmp).write_text(text))
     return 0
 
 

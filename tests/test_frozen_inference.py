@@ -96,8 +96,9 @@ def test_frozen_predictor_matches_reference_bf16(monkeypatch):
     assert rel_l2(actual, expected) < BF16_REL_L2, f"frozen bf16 logits: relative L2 error {rel_l2(actual, expected)}"
 
 
-def test_compiled_bf16_train_step_matches_reference(monkeypatch):
-    """One compiled bf16 training step (the cpu-amx default: NCHW, unfused): loss and every
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_compiled_bf16_train_step_matches_reference(fused, monkeypatch):
+    """One compiled bf16 training step (NCHW; fused is the cpu-amx default): loss and every
     gradient against the fp32 reference's, no further off than the reference's own bf16
     autocast gradients are. (bf16 alone moved some gradients by 17-32% here: FiLM's dL/dgamma sums
     products of bf16-rounded values that largely cancel, and the question encoder's gradients
@@ -107,10 +108,10 @@ def test_compiled_bf16_train_step_matches_reference(monkeypatch):
     cfg = model_config("tiny")
     ref = FiLMNet(cfg, VOCAB, ANSWERS)
     ref_bf16 = FiLMNet(cfg, VOCAB, ANSWERS)
-    fast = FastFiLMNet(cfg, VOCAB, ANSWERS, fused=False, channels_last=False)
+    fast = FastFiLMNet(cfg, VOCAB, ANSWERS, fused=fused, channels_last=False)
     ref_bf16.load_state_dict(ref.state_dict(), strict=True)
     fast.load_state_dict(ref.state_dict(), strict=True)
-    ex = resolve(FastConfig(amp="bf16", compile=True, fused=False, channels_last=False), CPU)
+    ex = resolve(FastConfig(amp="bf16", compile=True, fused=fused, channels_last=False), CPU)
     step = TrainStep(fast, torch.optim.SGD(fast.parameters(), lr=0.0), ex)  # lr 0: the gradients stay to compare
     images, q, lengths, answers = batch(seed=3)
     loss, _ = step(images, q, lengths, answers)

@@ -77,7 +77,7 @@ class Defaults:
 
 
 _AVX2 = Defaults(amp="off", compile=True, fused=True, channels_last=False, source="benchmarks/results/train_cpu.json")
-_AMX = Defaults(amp="bf16", compile=True, fused=False, channels_last=False,
+_AMX = Defaults(amp="bf16", compile=True, fused=True, channels_last=False,
                 source="benchmarks/results/train_cpu-amx.json")
 # hardware.machine_kind -> Defaults. CPU rule: a piece is on when the committed ablation measured
 # its training step >= 2% faster with it than without (tests/test_fastpath.py checks the files).
