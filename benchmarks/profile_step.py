@@ -1,11 +1,12 @@
 """Where the time of one training step and one inference step goes, reference vs fast path.
 
-    python benchmarks/profile_step.py --preset cpu --device cpu --batch-size 64 \\
+    python benchmarks/profile_step.py --preset cpu --device cpu --batch-size 64 --threads 1 \\
         --md docs/profile_cpu_amx.md --json benchmarks/results/profile_cpu-amx.json
 
 Each candidate (the fp32 eager reference, and the fast path as the machine's defaults resolve
-it, plus any `--fast KEY=VALUE,...` variants) is warmed up (compiled), then `--steps` training
-steps and `--steps` inference calls on the same synthetic batch 64 as bench_train are run under
+it, plus any `--fast KEY=VALUE,...` variants) is warmed up (compiled), then, candidates taking
+turns for `--rounds` rounds (the median round is reported), `--steps` training steps and
+`--steps` inference calls on the same synthetic batch 64 as bench_train are run under
 torch.profiler (CPU activities; inductor's generated kernels are recorded too). Every recorded
 op's *self* time is put in one group (GROUPS below); an op nested inside a GRU op, the fused op,
 or the optimizer step counts for that op's group, whatever it is. Inference runs as `fastfilm
@@ -40,12 +41,13 @@ CLAIMS = (
     ("optimizer (Adam step, zero_grad)", ("optimizer.step", "optimizer.zero_grad", "_fused_adam", "adam")),
 )
 GROUPS = (
+    # First: inductor's kernels are named after every op fused into them ("..._to_copy_relu_4").
+    ("inductor fused kernels (pointwise, BN statistics, casts, loss)", ("cpp_fused", "kernel_cpp")),
     ("convolutions (fwd+bwd)", ("conv", "mkldnn::_convolution")),
     ("batch norm (fwd+bwd)", ("batch_norm", "var_mean")),
     ("matmul / linear", ("addmm", "aten::mm", "aten::bmm", "linear", "matmul")),
     ("casts / layout reorders / copies", ("aten::to", "_to_copy", "copy_", "contiguous", "clone", "reorder",
                                           "to_dense", "to_mkldnn", "aten::_reshape_copy")),
-    ("inductor fused kernels (pointwise, reductions)", ("cpp_fused", "kernel_cpp")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
 )
 OTHER = "other aten ops (pointwise, indexing, allocation)"
@@ -57,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu", help="model preset (fastfilm.config.PRESETS)")
     p.add_argument("--device", default="cpu", help="cpu (CUDA kernels are not grouped here)")
     p.add_argument("--batch-size", type=int, default=64, help="questions per step")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps per candidate and mode")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per candidate, mode and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of taking turns; the median round is reported")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--fast", action="append", default=[], metavar="KEY=VALUE,...",
                    help="another fast-path candidate: FastConfig fields, e.g. fused=true,amp=off (repeatable)")
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     candidates.update({f"fast {spec}": _parse_fast(spec) for spec in args.fast})
     torch.manual_seed(0)
     init = build_model(cfg, VOCAB, ANSWERS).to(device).state_dict()
-    results = {}
+    calls, results = {}, {}
     for name, fast_cfg in candidates.items():
         ex = resolve(fast_cfg, device)
         model = build_model(cfg, VOCAB, ANSWERS, fast=not ex.reference, fused=ex.fused,
@@ -159,18 +162,28 @@ def main(argv=None) -> int:
         model.load_state_dict(init)
         step = TrainStep(model, build_optimizer(model, 3e-4, 1e-5, ex), ex)
         predictor = Predictor(model, ex, frozen=ex.compile)  # as `fastfilm eval` runs it
-        train, infer = (lambda: step(*batch)), (lambda: predictor(*batch[:3]))
+        calls[name] = {"train": lambda step=step: step(*batch), "infer": lambda p=predictor: p(*batch[:3])}
         for _ in range(3):  # compile and warm up
-            train()
-            infer()
-        load = os.getloadavg()[0]
-        results[name] = {"execution": {k: str(v) for k, v in dataclasses.asdict(ex).items()},
-                         "load_1min": load, "train": profile(train, args.steps), "infer": profile(infer, args.steps)}
-        print(f"{name}: train {results[name]['train']['wall_ms']:.1f} ms, "
-              f"infer {results[name]['infer']['wall_ms']:.1f} ms (load {load:.1f})", file=sys.stderr)
+            calls[name]["train"]()
+            calls[name]["infer"]()
+        results[name] = {"execution": {k: str(v) for k, v in dataclasses.asdict(ex).items()}, "load_1min": [],
+                         "rounds": {"train": [], "infer": []}}
+    # Candidates take turns (A, B, A, B, ...), so that a shared machine's load hits them alike;
+    # the round with the median wall time of each candidate and mode is reported.
+    for _ in range(args.rounds):
+        for name, r in results.items():
+            r["load_1min"].append(os.getloadavg()[0])
+            for mode in ("train", "infer"):
+                r["rounds"][mode].append(profile(calls[name][mode], args.steps))
+    for name, r in results.items():
+        for mode in ("train", "infer"):
+            r[mode] = sorted(r["rounds"][mode], key=lambda p: p["wall_ms"])[len(r["rounds"][mode]) // 2]
+        print(f"{name}: train {r['train']['wall_ms']:.1f} ms, infer {r['infer']['wall_ms']:.1f} ms "
+              f"(load {r['load_1min']})", file=sys.stderr)
 
     command = "python benchmarks/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {"command": command, "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps,
+               "rounds": args.rounds,
                "isa": cpu_isa(), "machine_kind": machine_kind(device), "threads": torch.get_num_threads(),
                "candidates": results}
     mach = machine()
@@ -191,7 +204,7 @@ def markdown(payload: dict, mach: dict) -> str:
              f"commit {mach['commit']}{' + uncommitted changes' if mach['dirty'] else ''}).", "",
              "Regenerate:", "", f"    {payload['command']}", "",
              f"{payload['preset']} preset, batch {payload['batch_size']}, mean of {payload['steps']} profiled calls "
-             "after warm-up; self time per op group in ms per call (share of the wall time). Ops nested inside the "
+             f"after warm-up, candidates taking turns for {payload['rounds']} rounds, the median round shown; self time per op group in ms per call (share of the wall time). Ops nested inside the "
              "GRU op, the fused op or the optimizer count for those; compiled inference is frozen, as `fastfilm "
              "eval` runs it. The overhead row is wall time minus op time and includes the profiler's own cost.", ""]
     for mode, title in (("train", "Training step (forward, loss, backward, Adam)"), ("infer", "Inference step")):
@@ -211,8 +224,8 @@ def markdown(payload: dict, mach: dict) -> str:
     lines += ["Execution of each candidate: " + "; ".join(
         f"{n}: " + ", ".join(f"{k}={v}" for k, v in payload["candidates"][n]["execution"].items() if k != "device")
         for n in names) + ".", "",
-        "Machine load (1-min average) while profiling: " + ", ".join(
-        f"{n} {payload['candidates'][n]['load_1min']:.1f}" for n in names) + ".", ""]
+        "Machine load (1-min average) at each round: " + ", ".join(
+        f"{n} {'/'.join(f'{x:.1f}' for x in payload['candidates'][n]['load_1min'])}" for n in names) + ".", ""]
     return "\n".join(lines)
 
 

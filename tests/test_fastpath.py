@@ -393,7 +393,11 @@ def test_options_follow_train_config(capsys):
     assert fast_config(TrainConfig()) == FastConfig()
     ref = resolve(fast_config(TrainConfig(reference=True)), CPU)
     assert (ref.dtype, ref.compile, ref.fused, ref.channels_last) == (None, False, False, False)
-    assert "--reference runs the plain fp32 eager oracle" in capsys.readouterr().err
+    assert capsys.readouterr().err == "", "auto switches are no request: nothing to refuse"
+    ref = resolve(fast_config(TrainConfig(reference=True, fused=True, amp="bf16")), CPU)
+    assert (ref.dtype, ref.fused) == (None, False)
+    err = capsys.readouterr().err
+    assert "--reference runs the plain fp32 eager oracle" in err and "--fused" in err and "--amp bf16" in err
     assert type(build(model_config("tiny"), ref)) is FiLMNet
     assert type(build(model_config("tiny"), opts())) is FastFiLMNet
     unfused = opts(fused=False, channels_last=False, compile=False, amp="off")
