@@ -204,7 +204,8 @@ def markdown(payload: dict, mach: dict) -> str:
              f"commit {mach['commit']}{' + uncommitted changes' if mach['dirty'] else ''}).", "",
              "Regenerate:", "", f"    {payload['command']}", "",
              f"{payload['preset']} preset, batch {payload['batch_size']}, mean of {payload['steps']} profiled calls "
-             f"after warm-up, candidates taking turns for {payload['rounds']} rounds, the median round shown; self time per op group in ms per call (share of the wall time). Ops nested inside the "
+             f"after warm-up, candidates taking turns for {payload['rounds']} rounds, the median round shown; "
+             "self time per op group in ms per call (share of the wall time). Ops nested inside the "
              "GRU op, the fused op or the optimizer count for those; compiled inference is frozen, as `fastfilm "
              "eval` runs it. The overhead row is wall time minus op time and includes the profiler's own cost.", ""]
     for mode, title in (("train", "Training step (forward, loss, backward, Adam)"), ("infer", "Inference step")):
