@@ -14,11 +14,14 @@ One process, one preset, the same synthetic batches (nanoGPT-style: no data load
 candidate, timed interleaved by benchmarks/harness.py so machine noise hits all alike:
 training questions/s, inference questions/s at the training batch size and batch-1 latency,
 peak memory of a training step, and MFU against bf16/fp32 matmul peaks measured in the same
-run. The ablation removes one piece of the fast path at a time (fused op, AMP,
-channels_last, compile); `--cuda-graphs` runs every fast candidate with CUDA graphs (on a
-GPU; elsewhere they run without, with a note). `--group K` adds the fast path, compiled and
-eager, trained on batches whose questions come K per image (`--group-questions K`: one stem
-pass per image).
+run. "fast" is the fast path as this machine kind's defaults resolve it (engine/options.py);
+the ablation flips one of its switches at a time (fused op, AMP, channels_last, compile):
+"-x" turns a piece that is on by default off, "+x" one that is off on. "fast frozen" is
+inference as `fastfilm eval` runs it (Predictor(frozen=True): weights frozen into the graph).
+The file records the machine kind and ISA; --json writes exactly the path given.
+`--cuda-graphs` runs every fast candidate with CUDA graphs (on a GPU; elsewhere they run
+without, with a note). `--group K` adds the fast path, compiled and eager, trained on
+batches whose questions come K per image (`--group-questions K`: one stem pass per image).
 Compile time (first call minus a steady call) is reported apart.
 By default compiles start from an empty inductor cache, so compile times are cold ones.
 """
@@ -147,24 +150,29 @@ def peak_memory(fn, device: torch.device) -> float:
     return float(peak)
 
 
-def candidates(ablation: bool, group: int = 0, cuda_graphs: bool = False) -> dict:
-    """name -> (FastConfig, questions per image in the training batches)."""
+def candidates(ablation: bool, group: int, device: torch.device, cuda_graphs: bool = False) -> dict:
+    """name -> (FastConfig, questions per image in the training batches). "fast" is the fast path
+    as this machine kind's defaults resolve it (engine/options.py), with CUDA graphs when
+    `cuda_graphs`; the ablation flips one switch of it at a time: "fast -x" turns a default-on
+    piece off, "fast +x" a default-off piece on."""
     from fastfilm.config import FastConfig
+    from fastfilm.engine.options import resolve
 
     fast = FastConfig(cuda_graphs=cuda_graphs)
+    ex = resolve(fast, device)
     out = {"reference": (FastConfig(reference=True, amp="off", compile=False, fused=False, channels_last=False), 1),
            "fast": (fast, 1)}
     if ablation:
-        out.update({"fast -fused": (dataclasses.replace(fast, fused=False), 1),
-                    "fast -amp": (dataclasses.replace(fast, amp="off"), 1),
-                    "fast -channels_last": (dataclasses.replace(fast, channels_last=False), 1),
-                    "fast -compile": (dataclasses.replace(fast, compile=False), 1)})
+        on = {"fused": ex.fused, "amp": ex.dtype is not None, "channels_last": ex.channels_last, "compile": ex.compile}
+        for name, value in on.items():
+            flipped = ("off" if value else "bf16") if name == "amp" else not value
+            out[f"fast {'-' if value else '+'}{name}"] = (dataclasses.replace(fast, **{name: flipped}), 1)
     if group > 1:
-        # Each grouped candidate is compared with its ungrouped twin, so the eager twin is
-        # timed even without the ablation.
-        out.setdefault("fast -compile", (dataclasses.replace(fast, compile=False), 1))
-        out.update({f"fast +group{group}": (fast, group),
-                    f"fast -compile +group{group}": (dataclasses.replace(fast, compile=False), group)})
+        # Each grouped candidate is compared with its ungrouped twin, so the other-compile twin
+        # is timed even without the ablation.
+        twin = f"fast {'-' if ex.compile else '+'}compile"
+        out.setdefault(twin, (dataclasses.replace(fast, compile=not ex.compile), 1))
+        out.update({f"fast +group{group}": (fast, group), f"{twin} +group{group}": (out[twin][0], group)})
     return out
 
 
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     init = build_model(cfg, VOCAB, ANSWERS).to(device).state_dict()
     runs, same_as, effective = {}, {}, {}
-    for name, (fast_cfg, group) in candidates(not args.no_ablation, args.group, args.cuda_graphs).items():
+    for name, (fast_cfg, group) in candidates(not args.no_ablation, args.group, device, args.cuda_graphs).items():
         opts = resolve(fast_cfg, device)
         key = (opts.reference, opts.dtype, opts.compile, opts.fused, opts.channels_last, opts.cuda_graphs, group)
         if key in effective:
@@ -219,6 +227,13 @@ def main(argv=None) -> int:
         runs[name] = {"opts": opts, "amp": str(key[1] or "fp32").replace("torch.", ""),
                       "step": TrainStep(model, build_optimizer(model, 3e-4, 1e-5, opts), opts),
                       "predict": Predictor(model, opts), "i": 0, "group": group}
+    # Inference as `fastfilm eval` runs it: the fast path's model frozen into the compiled graph
+    # (Predictor(frozen=True)); timed as its own inference candidate on the "fast" model.
+    infer_only = {}
+    if runs["fast"]["opts"].compile:
+        fast_run = runs["fast"]
+        infer_only["fast frozen"] = {**fast_run, "predict": Predictor(fast_run["predict"].model, fast_run["opts"],
+                                                                      frozen=True)}
 
     def train_fn(r):
         def call():
@@ -239,8 +254,15 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         infer_fn(r)()
         first[name] = (t1 - t0, time.perf_counter() - t1)
+    for name, r in infer_only.items():
+        t0 = time.perf_counter()
+        infer_fn(r)()
+        first[name] = (0.0, time.perf_counter() - t0)
+    load = [os.getloadavg()[0]]
     train = time_interleaved({n: train_fn(r) for n, r in runs.items()}, warmup=2, reps=args.steps)
-    infer = time_interleaved({n: infer_fn(r) for n, r in runs.items()}, warmup=2, reps=args.steps)
+    load.append(os.getloadavg()[0])
+    infer = time_interleaved({n: infer_fn(r) for n, r in {**runs, **infer_only}.items()}, warmup=2, reps=args.steps)
+    load.append(os.getloadavg()[0])
     lat_runs = {n: runs[n] for n in ("reference", "fast")}
     for r in lat_runs.values():
         infer_fn(r, 1)()  # batch 1 is its own static shape: compile it before timing
@@ -268,21 +290,31 @@ def main(argv=None) -> int:
         results[name] = {**results[twin], "same_as": twin}
 
     train_x, infer_x = ratios(train, "reference"), ratios(infer, "reference")
+    frozen = {name: {"infer_qps": b / infer[name]["median_s"], "infer_step_s": infer[name],
+                     "infer_speedup": infer_x[name],
+                     "infer_compile_s": max(0.0, first[name][1] - infer[name]["median_s"]),
+                     "infer_mfu": flops_infer / infer[name]["median_s"] / (
+                         peaks["bf16" if runs["fast"]["amp"] == "bfloat16" else "fp32"]["tflops"] * 1e12)}
+              for name in infer_only}
     ref, fast = results["reference"], results["fast"]
     ablation = {name: {"train_qps": results[name]["train_qps"], "infer_qps": results[name]["infer_qps"],
                        "fast_train_speedup_over_this": fast["train_qps"] / results[name]["train_qps"],
                        "fast_infer_speedup_over_this": fast["infer_qps"] / results[name]["infer_qps"],
                        **({"same_as": results[name]["same_as"]} if "same_as" in results[name] else {})}
-                for name in results if name.startswith("fast -") and "+group" not in name}
+                for name in results if name.startswith(("fast -", "fast +")) and "+group" not in name}
     # Sharing the stem among an image's questions, against the same path without it.
     group_gain = {name: {"train_qps": results[name]["train_qps"],
                          "speedup_over_ungrouped": train_x[name] / train_x[name.replace(f" +group{args.group}", "")],
                          "speedup_over_reference": train_x[name]}
                   for name in results if "+group" in name}
+    from fastfilm.engine.options import describe
+    from fastfilm.hardware import cpu_isa, machine_kind
+
     payload = {
-        "machine_kind": machine_kind(device), "isa": cpu_isa(),
         "preset": args.preset, "device": str(device), "batch_size": b, "steps": args.steps,
         "cuda_graphs": args.cuda_graphs,
+        "isa": cpu_isa() if device.type == "cpu" else None, "machine_kind": machine_kind(device),
+        "fast_is": describe(runs["fast"]["opts"]), "load_1min_before_train_infer_end": load,
         "threads": torch.get_num_threads(), "cold_compile": not args.warm_cache,
         "reference_train_qps": ref["train_qps"], "fast_train_qps": fast["train_qps"],
         "train_speedup": train_x["fast"],
@@ -294,7 +326,7 @@ def main(argv=None) -> int:
         "matmul_peak_n": {k: v["n"] for k, v in peaks.items()},  # square matmul side that reached the peak
         "model_gflop_per_step": {"train": flops_train / 1e9, "infer": flops_infer / 1e9,
                                  f"train_group{args.group}": flops_grouped / 1e9},
-        "ablation": ablation, "questions_per_image": group_gain, "candidates": results,
+        "ablation": ablation, "questions_per_image": group_gain, "candidates": results, "inference_only": frozen,
     }
     print(f"{args.preset} preset on {device}, {machine_kind(device)} (ISA {cpu_isa()}, {torch.get_num_threads()} "
           f"threads), batch {b}; "
@@ -307,6 +339,10 @@ def main(argv=None) -> int:
               f"{infer_x[twin]:6.2f} "
               f"{r['train_mfu']:7.1%} {r['train_peak_memory_mb']:7.0f} "
               f"{r['train_compile_s'] + r['infer_compile_s']:10.1f}" + (f"  (= {twin})" if name in same_as else ""))
+    for name, r in frozen.items():
+        print(f"{name:22} {runs['fast']['amp']:>8} {'':>10} {'':>6} {r['infer_qps']:10.1f} {r['infer_speedup']:6.2f} "
+              f"{'':>7} {'':>7} {r['infer_compile_s']:10.1f}")
+    print(f"machine kind {payload['machine_kind']}: fast = {payload['fast_is']}; 1-min load {load}")
     print(f"batch-1 latency: reference {ref['batch1_latency_ms']:.1f} ms, fast {fast['batch1_latency_ms']:.1f} ms; "
           f"epoch of {args.epoch_questions} questions: reference {ref['epoch_s']:.0f} s, fast {fast['epoch_s']:.0f} s")
     path = save(args, payload, device)

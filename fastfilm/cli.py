@@ -66,13 +66,14 @@ def add_dataclass_arguments(parser, cls: type, *, defaults_from_preset: bool = F
             parser.add_argument(dest, type=f.metadata.get("type", typ), help=help_text, **extra)
             continue
         default = (defaults or {}).get(f.name, f.default)
-        shown = "preset" if defaults_from_preset else repr(default)
+        tristate = typ == bool | None  # None: "auto", resolved for the machine (engine/options.py)
+        shown = "preset" if defaults_from_preset else "auto" if tristate and default is None else repr(default)
         kwargs: dict = {"dest": dest, "default": None if defaults_from_preset else default,
                         "help": f"{help_text} (default: {shown})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
+        if typ is bool or tristate:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(flag, type=typ, metavar=None if "choices" in kwargs else f.name.upper(), **kwargs)

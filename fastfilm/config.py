@@ -147,15 +147,17 @@ def model_config(preset: str = "paper", **overrides) -> ModelConfig:
 class FastConfig:
     """The fast path's switches, shared by every command that runs a model. Each piece can be
     switched off to see what it buys (docs/fastpath.md); reference=True means the plain
-    oracle and turns every other switch off."""
+    oracle and turns every other switch off. "auto" (None for the on/off switches) takes the
+    value measured faster on this kind of machine (engine/options.py, DEFAULTS); an explicit
+    value always wins."""
     reference: bool = _f(False, "run the plain reference model (the oracle) instead of the fast path")
-    amp: str = _f("bf16", "autocast dtype: bf16, fp16 (with a gradient scaler when training) or off (fp32)",
-                  choices=("bf16", "fp16", "off"))
-    compile: bool = _f(True, "torch.compile the model (fullgraph, static shapes) and the training step")
-    fused: bool = _f(True, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
-    channels_last: bool = _f(True, "channels_last activations in the visual pipeline")
-    # Off by default: a graph is recorded per batch shape and holds its own memory pool, and
-    # the path has not been measured on a GPU yet (docs/fastpath.md, "CUDA graphs").
+    amp: str = _f("auto", "autocast dtype: bf16, fp16 (with a gradient scaler when training), off (fp32), or auto "
+                  "(what is faster on this machine)", choices=("auto", "bf16", "fp16", "off"))
+    compile: bool | None = _f(None, "torch.compile the model (fullgraph, static shapes) and the training step")
+    fused: bool | None = _f(None, "use the fused BatchNorm+FiLM+ReLU+residual op in every ResBlock")
+    channels_last: bool | None = _f(None, "channels_last activations in the visual pipeline")
+    # Off by default (not auto): a graph is recorded per batch shape and holds its own memory
+    # pool, and the path has not been measured on a GPU yet (docs/fastpath.md, "CUDA graphs").
     cuda_graphs: bool = _f(False, "replay each training step and inference batch as a CUDA graph, removing the "
                            "per-kernel launch cost (CUDA only: on a CPU it is off, with a note; the training step "
                            "needs the compiled fast path)")

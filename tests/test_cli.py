@@ -112,3 +112,19 @@ def test_python_dash_m_help():
 def test_plot_takes_several_runs():
     cfg, _ = split_namespace("plot", build_parser().parse_args(["plot", "a", "b", "--out", "x.png"]))
     assert cfg.runs == ("a", "b") and cfg.out == "x.png"
+
+
+@pytest.mark.parametrize("flag", ["compile", "fused", "channels_last"])
+def test_fast_path_switches_default_to_auto_and_still_override(flag):
+    """--fused/--no-fused (etc.) set the switch; no flag leaves it None, resolved per machine
+    kind (engine/options.py), and --help says 'auto'."""
+    parser = build_parser()
+    option = "--" + flag.replace("_", "-")
+    for args, expected in (([], None), ([option], True), ([option.replace("--", "--no-")], False)):
+        cfg, _ = split_namespace("train", parser.parse_args(["train", "D", *args]))
+        assert getattr(cfg, flag) is expected, args
+    train = parser._subparsers._group_actions[0].choices["train"]
+    action = next(a for a in train._actions if a.dest == flag)
+    assert action.option_strings == [option, option.replace("--", "--no-")]
+    assert action.help.endswith("(default: auto)")
+    assert C.FastConfig().amp == "auto" and "auto" in C.FastConfig.__dataclass_fields__["amp"].metadata["choices"]

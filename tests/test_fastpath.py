@@ -229,7 +229,7 @@ def compiled():
     """A compiled fp32 TrainStep and Predictor over one tiny FastFiLMNet, plus its initial weights."""
     torch.manual_seed(0)
     fast = FastFiLMNet(model_config("tiny"), VOCAB, ANSWERS)
-    ex = opts(amp="off")
+    ex = opts(amp="off", compile=True)
     step = TrainStep(fast, build_optimizer(fast, 1e-3, 1e-5, ex), ex)
     predict = Predictor(fast, ex, batch_size=8)
     return types.SimpleNamespace(model=fast, step=step, predict=predict, opts=ex,
@@ -354,7 +354,11 @@ def test_options_follow_train_config(capsys, monkeypatch):
     assert fast_config(TrainConfig()) == FastConfig()
     ref = resolve(fast_config(TrainConfig(reference=True)), CPU)
     assert (ref.dtype, ref.compile, ref.fused, ref.channels_last) == (None, False, False, False)
-    assert "--reference runs the plain fp32 eager oracle" in capsys.readouterr().err
+    assert capsys.readouterr().err == "", "auto switches are no request: nothing to refuse"
+    ref = resolve(fast_config(TrainConfig(reference=True, fused=True, amp="bf16")), CPU)
+    assert (ref.dtype, ref.fused) == (None, False)
+    err = capsys.readouterr().err
+    assert "--reference runs the plain fp32 eager oracle" in err and "--fused" in err and "--amp bf16" in err
     assert type(build(model_config("tiny"), ref)) is FiLMNet
     assert type(build(model_config("tiny"), opts())) is FastFiLMNet
     unfused = opts(fused=False, channels_last=False, compile=False, amp="off")
@@ -375,9 +379,10 @@ def test_bf16_falls_back_to_fp32_without_hardware_support(monkeypatch, capsys):
 
 def test_apex_fallback_message(monkeypatch, capsys):
     model = torch.nn.Linear(3, 2)
+    ex = opts()
     monkeypatch.setattr(options, "_NOTED", set())
     monkeypatch.setitem(sys.modules, "apex", None)  # absent, whatever is installed
-    opt = build_optimizer(model, 1e-3, 0.0, opts(), apex=True)
+    opt = build_optimizer(model, 1e-3, 0.0, ex, apex=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert type(opt) is torch.optim.Adam and len(err) == 1 and "apex" in err[0] and "not importable" in err[0]
     # Importable (a stand-in module) but no CUDA device: still torch's Adam, with the reason.
@@ -385,7 +390,7 @@ def test_apex_fallback_message(monkeypatch, capsys):
     fake.FusedAdam = object
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
     monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
-    opt = build_optimizer(model, 1e-3, 0.0, opts(), apex=True)
+    opt = build_optimizer(model, 1e-3, 0.0, ex, apex=True)
     assert type(opt) is torch.optim.Adam and "needs CUDA" in capsys.readouterr().err
     assert opt.defaults["fused"] and all(g["weight_decay"] == 0.0 for g in opt.param_groups)
 
@@ -429,7 +434,7 @@ def test_bf16_training_tracks_fp32_reference(monkeypatch):
     steps, b = 300, 32
     images, q, lengths, answers = color_task(steps * b // 4, seed=0)  # 4 epochs of fixed data
     ref, fast = pair()
-    ex = opts(compile=False)  # amp="bf16"
+    ex = opts(compile=False, amp="bf16")
     step = TrainStep(fast, build_optimizer(fast, 3e-3, 1e-5, ex), ex)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-3, weight_decay=1e-5)
     fast_losses, ref_losses = [], []

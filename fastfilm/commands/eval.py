@@ -30,7 +30,8 @@ def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
     ex = resolve(fast_config(cfg), dctx.device)
     loaded = load(cfg.checkpoint, ex)
     split = split_for(loaded, cfg.data, cfg.split)
-    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size, vocab=loaded.vocab)
+    # The weights are final: freeze them into the compiled graph (engine/predictor.py).
+    predictor = Predictor(loaded.model, ex, batch_size=cfg.batch_size, vocab=loaded.vocab, frozen=True)
     loader = Loader(split, cfg.batch_size, shuffle=False, device=dctx.device, shard=(dctx.rank, dctx.world_size),
                     **predictor.padding.loader_kwargs(split.questions.shape[1]))
     preds = predict(predictor, loader, dctx.device, progress=sys.stderr.isatty() and dctx.is_main)

@@ -23,7 +23,21 @@ def configure_compiler() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
 
-def compiled(fn: Callable, *, fullgraph: bool = True, mode: str | None = None, backend: str = "inductor") -> Callable:
-    """fn (a function or module) compiled with static shapes."""
+def compiled(fn: Callable, *, fullgraph: bool = True, mode: str | None = None, backend: str = "inductor",
+             freeze: bool = False) -> Callable:
+    """fn (a function or module) compiled with static shapes.
+
+    freeze: inductor's freezing, for inference under no_grad/inference_mode: the parameters and
+    buffers become constants, so batch norm folds into the convolution before it and conv/linear
+    weights are converted and prepacked once for oneDNN (in the autocast dtype) instead of cast
+    on every call. The compiled function then never sees later changes to the weights: only for
+    a model that is done training.
+    """
     configure_compiler()
-    return torch.compile(fn, fullgraph=fullgraph, dynamic=False, mode=mode, backend=backend)
+    if not freeze:
+        return torch.compile(fn, fullgraph=fullgraph, dynamic=False, mode=mode, backend=backend)
+    if backend != "inductor":
+        raise ValueError(f"freezing is an inductor pass; backend {backend!r} cannot freeze")
+    # torch.compile takes a mode or inductor options, not both: reduce-overhead is CUDA graphs.
+    options = {"freezing": True, **({"triton.cudagraphs": True} if mode == "reduce-overhead" else {})}
+    return torch.compile(fn, fullgraph=fullgraph, dynamic=False, backend=backend, options=options)

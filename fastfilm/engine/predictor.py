@@ -34,10 +34,13 @@ class Predictor:
     as when compiled, so that a few shapes cover an epoch.
     vocab: the logits of its non_answers are -inf, so that argmax and softmax never offer
     them; the one place where predictions are masked (training is unchanged).
+    frozen=True (compiled only) compiles the weights in as constants (engine.compile.compiled's
+    freeze: batch norm folded, weights prepacked once): for a model that is done training
+    (eval, answer), never for the trainer's, whose later weights it would not see.
     """
 
     def __init__(self, model: nn.Module, ex: Execution, *, batch_size: int | None = None,
-                 cuda_graphs: bool | None = None, vocab: Vocab | None = None):
+                 cuda_graphs: bool | None = None, vocab: Vocab | None = None, frozen: bool = False):
         self.model, self.ex = model, ex
         self.excluded = torch.tensor(non_answers(vocab), dtype=torch.long, device=ex.device) if vocab else None
         cuda_graphs = ex.cuda_graphs if cuda_graphs is None else cuda_graphs
@@ -48,7 +51,7 @@ class Predictor:
         self.padding = Padding(static=use_compile or cuda_graphs)
         self.batch_size = batch_size
         if use_compile:
-            self.forward = compiled(self._forward, mode="reduce-overhead" if cuda_graphs else None)
+            self.forward = compiled(self._forward, mode="reduce-overhead" if cuda_graphs else None, freeze=frozen)
         elif cuda_graphs:
             self.forward = compiled(self._forward, backend="cudagraphs", fullgraph=False)
         else:

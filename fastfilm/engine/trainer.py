@@ -311,7 +311,7 @@ class Trainer:
         fast = fast_config(cfg)
         if cfg.sync_bn and not dctx.enabled:
             distributed.note("--sync-bn has no effect in a single process")
-        elif cfg.sync_bn and fast.fused and not fast.reference:
+        elif cfg.sync_bn and fast.fused is not False and not fast.reference:  # None: auto, maybe fused
             # The fused op computes per-rank statistics inside its kernel; SyncBN needs them global.
             fast = dataclasses.replace(fast, fused=False)
             distributed.note("--sync-bn: ResBlocks use the unfused batch norm path (global statistics)")
