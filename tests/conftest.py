@@ -1,7 +1,18 @@
 """Shared fixtures: a tiny dataset made by the project's own generator, built once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run interpreted on a CPU-only machine. Set before any test module
+    # imports triton: a triton imported with the interpreter off cannot interpret kernels
+    # decorated later (helpers then fail "outside of the scope of a kernel"), whatever the
+    # order in which pytest collects the modules. kernels/aot.py compiles its own copies
+    # with the interpreter off.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastfilm.config import GenerateConfig
 
