@@ -17,7 +17,8 @@ from fastfilm.data.decode import dali_available  # noqa: E402
 
 def test_plan_order_and_budget(tmp_path):
     parts = gpu_suite.plan(tmp_path)
-    assert [p.key for p in parts] == ["a_tests", "b_fused_op", "c_train", "c_train_graphs", "d_gru", "e_decode"]
+    assert [p.key for p in parts] == ["a_tests", "b_fused_op", "c_train", "c_train_graphs", "d_gru", "e_decode",
+                                      "f_launches"]
     assert sum(p.cap_s for p in parts) <= gpu_suite.BUDGET_S
     for p in parts:
         assert p.command and p.check and p.output.startswith("gpu_")
@@ -35,11 +36,10 @@ def test_dry_run_checks_every_part():
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--dry-run"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for key in ("a_tests", "b_fused_op", "c_train", "c_train_graphs", "d_gru", "e_decode"):
+    for key in ("a_tests", "b_fused_op", "c_train", "c_train_graphs", "d_gru", "e_decode", "f_launches"):
         assert f"{key}:" in proc.stdout
-    checked = proc.stdout.count("check: ok")
-    skipped = proc.stdout.count("will be skipped")
-    assert checked + skipped == 6 and checked >= 4, proc.stdout
+    # Every script and flag the suite runs is there now: nothing is planned to be skipped.
+    assert proc.stdout.count("check: ok") == 7 and "will be skipped" not in proc.stdout, proc.stdout
 
 
 def test_dry_run_fails_on_a_bad_argument(tmp_path, monkeypatch, capsys):
