@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-questions", type=int, default=10000,
                    help="training questions per epoch (small epochs: several points per curve)")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--parallel", choices=("seeds", "recipes"), default="seeds",
+                   help="what runs at the same time (recipes: the recipes of one seed share the machine's load)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (a loaded 2-core machine: 1)")
     p.add_argument("--json", default="", help="results file (default: benchmarks/results/learning_<part>_<preset>.json)")
     return p.parse_args(argv)
@@ -126,12 +128,16 @@ def run_recipes(args) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
-        jobs = [(s, args.data, recipes, args.preset, args.minutes, args.max_train_questions, args.threads, tmp)
-                for s in seeds]
-        with mp.get_context("spawn").Pool(len(seeds)) as pool:
-            runs = [r for part in pool.map(_recipes_worker, jobs) for r in part]
+        rest = (args.preset, args.minutes, args.max_train_questions, args.threads, tmp)
+        if args.parallel == "seeds":  # one process per seed, each through every recipe in order
+            jobs, width = [(s, args.data, recipes, *rest) for s in seeds], len(seeds)
+        else:  # one process per recipe, seed by seed
+            jobs, width = [(s, args.data, [r], *rest) for s in seeds for r in recipes], len(recipes)
+        with mp.get_context("spawn").Pool(width) as pool:
+            runs = [r for part in pool.map(_recipes_worker, jobs, chunksize=1) for r in part]
     return {"part": "recipes", "preset": args.preset, "minutes": args.minutes, "threads_per_run": args.threads,
-            "parallel_runs": len(seeds), "max_train_questions": args.max_train_questions, "base": BASE,
+            "parallel_runs": len(seeds) if args.parallel == "seeds" else len(recipes), "parallel": args.parallel,
+            "max_train_questions": args.max_train_questions, "base": BASE,
             "recipes": {k: RECIPES[k] for k in recipes}, "summary": _summary(runs), "runs": runs}
 
 
