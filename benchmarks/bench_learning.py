@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=("seeds", "recipes"), default="seeds",
                    help="what runs at the same time (recipes: the recipes of one seed share the machine's load)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (a loaded 2-core machine: 1)")
-    p.add_argument("--json", default="", help="results file (default: benchmarks/results/learning_<part>_<preset>.json)")
+    p.add_argument("--json", default="",
+                   help="results file (default: benchmarks/results/learning_<part>_<preset>.json)")
     return p.parse_args(argv)
 
 
@@ -117,7 +118,8 @@ def _summary(runs: list[dict]) -> dict:
     table: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         table.setdefault(r["data"], {}).setdefault(r["recipe"], []).append(r["final_val"])
-    per_data = {d: {k: {"mean": sum(v) / len(v), "runs": v} for k, v in recipes.items()} for d, recipes in table.items()}
+    per_data = {d: {k: {"mean": sum(v) / len(v), "runs": v} for k, v in recipes.items()}
+                for d, recipes in table.items()}
     recipes = sorted({r["recipe"] for r in runs})
     overall = {k: sum(per_data[d][k]["mean"] for d in per_data if k in per_data[d]) /
                max(1, sum(k in per_data[d] for d in per_data)) for k in recipes}
@@ -300,7 +302,8 @@ def plot(path: Path) -> Path:
     axes[0][0].legend(fontsize=8)
     m = res["machine"]
     fig.suptitle(f"{res['preset']} preset, {res['minutes']} min per run, {res['threads_per_run']} thread(s) x "
-                 f"{res['parallel_runs']} runs at a time; {m['processor']}, {m['cpu_count']} cores, commit {m['commit']}",
+                 f"{res['parallel_runs']} runs at a time; {m['processor']}, {m['cpu_count']} cores, "
+                 f"commit {m['commit']}",
                  fontsize=9)
     fig.tight_layout()
     out = path.with_suffix(".png")

@@ -170,10 +170,10 @@ class TrainConfig(FastConfig):
                               "the paper); see docs/fastpath.md")
     lr_schedule: str = _f("preset", "learning rate after the warm-up: constant, or cosine or linear decay to zero at "
                           "the end of the budget (--epochs, or --max-minutes if it ends first: the decay then follows "
-                          "the clock); preset: the --preset's recipe (TRAIN_PRESETS)",
+                          "the clock); preset: the --preset's recipe (TRAIN_PRESETS: constant for paper and cpu)",
                           choices=("preset", "constant", "cosine", "linear"))
     warmup: str = _f("preset", "linear learning-rate warm-up over N steps ('200') or a share of the budget ('5%%'); "
-                     "preset: the --preset's recipe (TRAIN_PRESETS)")
+                     "preset: the --preset's recipe (TRAIN_PRESETS: 0 for paper and cpu)")
     bn_stats: str = _f("precise", "batch-norm statistics of every evaluated and saved model: precise (recomputed from "
                        "--precise-bn-batches training batches before each evaluation) or running (training's moving "
                        "average, as in the paper's code); recorded in the checkpoints",
@@ -191,8 +191,9 @@ class TrainConfig(FastConfig):
 
 
 # The training recipe each model preset gets where --lr-schedule/--warmup say "preset". `paper`
-# is the paper's constant Adam; `cpu` was chosen by time to accuracy on several kinds of
-# generated data (benchmarks/bench_learning.py, README "Learning per minute").
+# is the paper's constant Adam. For `cpu`, cosine and linear decay with a 5% warm-up were no
+# better than constant at the end of 1.25-minute budgets on four kinds of generated data
+# (benchmarks/results/learning_recipes_cpu.json, docs/learning.md), so it stays constant.
 TRAIN_PRESETS: dict[str, dict] = {
     "paper": dict(lr_schedule="constant", warmup="0"),
     "cpu": dict(lr_schedule="constant", warmup="0"),
