@@ -187,7 +187,10 @@ class TrainConfig(FastConfig):
                          "epoch: the order is reshuffled)")
     lr: float = _f(3e-4, "Adam learning rate for the global batch, world size x batch (paper: 3e-4)")
     weight_decay: float = _f(1e-5, "Adam weight decay (paper: 1e-5)")
-    patience: int = _f(10, "early stopping: epochs without a better val accuracy before stopping (0: never)")
+    patience: int = _f(10, "early stopping: complete epochs without a better smoothed val accuracy (the mean of the "
+                       "last --smooth-epochs epochs) before stopping (0: never)")
+    smooth_epochs: int = _f(3, "early stopping watches the mean val accuracy of the last N complete epochs, not one "
+                            "noisy epoch (1: single epochs); metrics.jsonl's val_spread is max - min over them")
     max_minutes: float = _f(0.0, "stop cleanly after this many minutes, then evaluate and write metrics (0: no limit)")
     seed: int = _f(0, "seed for weights, data order and dropout")
     resume: str = _f("", "run directory to continue exactly where it stopped (its own settings are kept; "
@@ -212,12 +215,43 @@ class TrainConfig(FastConfig):
     group_questions: int = _f(1, "keep up to this many questions about one image together in a batch, so the "
                               "image goes through the stem once for all of them (1: independent questions, as in "
                               "the paper); see docs/fastpath.md")
+    lr_schedule: str = _f("preset", "learning rate after the warm-up: constant, or cosine or linear decay to zero at "
+                          "the end of the budget (--epochs, or --max-minutes if it ends first: the decay then follows "
+                          "the clock); preset: the --preset's recipe (TRAIN_PRESETS: constant for paper and cpu)",
+                          choices=("preset", "constant", "cosine", "linear"))
+    warmup: str = _f("preset", "linear learning-rate warm-up over N steps ('200') or a share of the budget ('5%%'); "
+                     "preset: the --preset's recipe (TRAIN_PRESETS: 0 for paper and cpu)")
+    bn_stats: str = _f("precise", "batch-norm statistics of every evaluated and saved model: precise (recomputed from "
+                       "--precise-bn-batches training batches before each evaluation) or running (training's moving "
+                       "average, as in the paper's code); recorded in the checkpoints",
+                       choices=("precise", "running"))
+    precise_bn_batches: int = _f(50, "training batches (of --batch-size) that --bn-stats precise averages")
+    bn_momentum: float = _f(0.1, "momentum of the batch norms' running averages during training (torch: 0.1)")
+    eval_gap_questions: int = _f(1024, "training questions whose eval-mode accuracy is compared with their train-mode "
+                                 "accuracy after every epoch (eval_gap in metrics.jsonl; 0: not measured)")
     apex: bool = _f(False, "use NVIDIA apex FusedAdam if genuine apex is installed (else torch's fused Adam)")
     # Data-parallel training under torchrun (fastfilm/engine/distributed.py, docs/distributed.md).
     sync_bn: bool = _f(False, "under torchrun: batch norm statistics over the global batch instead of per rank "
                        "(turns the fused ResBlock op off: it keeps per-rank statistics)")
     dist_timeout_s: float = _f(600.0, "under torchrun: seconds a collective may wait before the job fails with an "
                                "error (a crashed or stalled rank); raise it if first-step compilation is slower")
+
+
+# The training recipe each model preset gets where --lr-schedule/--warmup say "preset". `paper`
+# is the paper's constant Adam. For `cpu`, cosine and linear decay with a 5% warm-up were no
+# better than constant at the end of 1.25-minute budgets on four kinds of generated data
+# (benchmarks/results/learning_recipes_cpu.json, docs/learning.md), so it stays constant.
+TRAIN_PRESETS: dict[str, dict] = {
+    "paper": dict(lr_schedule="constant", warmup="0"),
+    "cpu": dict(lr_schedule="constant", warmup="0"),
+    "tiny": dict(lr_schedule="constant", warmup="0"),
+}
+
+
+def train_recipe(cfg: TrainConfig) -> TrainConfig:
+    """cfg with every "preset" recipe field replaced by its --preset's value."""
+    recipe = TRAIN_PRESETS.get(cfg.preset, TRAIN_PRESETS["paper"])
+    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) == "preset"})
 
 
 def train_config_from(saved: dict) -> TrainConfig:
@@ -354,8 +388,17 @@ def validate(cfg) -> None:
                  "dist_timeout_s"):
         positive(name)
     for name in ("weight_decay", "patience", "max_minutes", "max_train_questions", "film_minutes",
-                 "cnn_gru_minutes", "question_only_minutes", "max_total_minutes"):
+                 "cnn_gru_minutes", "question_only_minutes", "max_total_minutes", "precise_bn_batches",
+                 "eval_gap_questions"):
         positive(name, zero_ok=True)
+    positive("smooth_epochs")
+    if isinstance(cfg, TrainConfig):
+        _need(0 < cfg.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]", cfg.bn_momentum)
+        if cfg.warmup != "preset":
+            try:
+                parse_warmup(cfg.warmup)
+            except ValueError as e:
+                raise UserError(f"--warmup {cfg.warmup!r}: {e}") from None
     if isinstance(cfg, ModelConfig):
         from_blocks = cfg.film_blocks
         try:
@@ -400,3 +443,21 @@ def parse_film_blocks(spec: str, num_blocks: int) -> list[bool]:
     if bad:
         raise ValueError(f"block indices {bad} are out of range 0..{num_blocks - 1} (num_blocks={num_blocks})")
     return [i in chosen for i in range(num_blocks)]
+
+
+def parse_warmup(spec: str) -> tuple[int, float]:
+    """'0' | '200' (steps) | '5%' (of the budget) -> (warmup_steps, warmup_fraction). ValueError otherwise."""
+    text = spec.strip()
+    try:
+        if text.endswith("%"):
+            fraction = float(text[:-1]) / 100
+            if not (math.isfinite(fraction) and 0 <= fraction < 1):
+                raise ValueError
+            return 0, fraction
+        steps = int(text)
+        if steps < 0:
+            raise ValueError
+        return steps, 0.0
+    except ValueError:
+        raise ValueError("must be a number of steps (e.g. 200) or a share of the budget below 100% "
+                         "(e.g. 5%)") from None

@@ -18,6 +18,18 @@ from fastfilm.engine.predictor import Predictor, predict
 from fastfilm.engine.rundir import check_output_file, on_rank0
 
 
+def describe_bn_stats(meta: dict) -> str:
+    """How the checkpoint's batch-norm statistics were computed, in words (its meta's bn_stats)."""
+    bn = meta.get("bn_stats")
+    if not bn:
+        return "batch-norm statistics: training's running average (a checkpoint from before they were recorded)"
+    if bn.get("method") == "precise":
+        grouped = f", {bn['group_questions']} questions per image" if bn.get("group_questions", 1) > 1 else ""
+        return (f"batch-norm statistics: precise, recomputed from {bn['batches']} training batches of "
+                f"{bn['batch_size']}{grouped}")
+    return f"batch-norm statistics: training's running average (momentum {bn.get('momentum')})"
+
+
 def run(cfg: EvalConfig) -> int:
     with distributed.session(cfg.device) as dctx:
         return _run(cfg, dctx)
@@ -42,11 +54,12 @@ def _run(cfg: EvalConfig, dctx: distributed.Dist) -> int:
     if cfg.predictions:
         text = "".join(loaded.vocab.idx_to_answer[int(p)] + "\n" for p in preds)
         atomic_write(Path(cfg.predictions), lambda tmp: Path(tmp).write_text(text))
+    bn = describe_bn_stats(loaded.meta)
     if cfg.json:
-        print(json.dumps({"split": cfg.split, **report}, indent=2))
+        print(json.dumps({"split": cfg.split, **report, "bn_stats": loaded.meta.get("bn_stats")}, indent=2))
     elif report["accuracy"] is None:
         print(f"{cfg.split}: no answers in this split; predictions only")
     else:
-        print(f"{cfg.split}: {report['count']} questions, accuracy {100 * report['accuracy']:.2f}%")
+        print(f"{cfg.split}: {report['count']} questions, accuracy {100 * report['accuracy']:.2f}% ({bn})")
         print(format_table({loaded.meta.get("arch", "model"): report}))
     return 0

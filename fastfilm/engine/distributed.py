@@ -103,6 +103,21 @@ class Dist:
             for buf in module.buffers():
                 dist.broadcast(buf, 0)
 
+    def average_(self, tensors: list[Tensor]) -> None:
+        """Each tensor replaced in place by its mean over ranks (one all-reduce per tensor)."""
+        if self.enabled:
+            for t in tensors:
+                dist.all_reduce(t)
+                t /= self.world_size
+
+    def shared_float(self, value: float) -> float:
+        """Rank 0's `value` on every rank (e.g. its clock, which a schedule must read alike)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t.item())
+
     def merge_predictions(self, preds: np.ndarray) -> np.ndarray:
         """preds: [Q] int64, this rank's predictions and -1 for questions of other shards ->
         every rank's predictions [Q]. Shards are disjoint and a shard's padding repeats its own

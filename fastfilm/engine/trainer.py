@@ -1,7 +1,14 @@
-"""The trainer: Adam, early stopping on validation accuracy, exact resume.
+"""The trainer: Adam with a learning-rate schedule, trustworthy evaluations, early stopping
+on a smoothed validation accuracy, exact resume.
+
+Before each evaluation the batch-norm statistics are recomputed from training batches
+(--bn-stats precise, engine/bn_stats.py) and the eval-mode gap is measured on a fixed sample
+of training questions; the learning rate follows engine/schedule.py; early stopping watches
+the mean of the last --smooth-epochs validation accuracies (engine/stopping.py).
 
 A run directory RUN gets:
-    metrics.jsonl      one line per epoch (train loss/accuracy, val accuracy per type, speed)
+    metrics.jsonl      one line per epoch (train loss/accuracy, val accuracy per type, speed,
+                       eval_gap, val_smoothed/val_spread, lr)
     metrics.json       the final result: val_accuracy, per_type, per_family of the best epoch
     last.pt            full training state, rewritten atomically after every epoch
     best.safetensors   (+ best.json) weights of the best validation epoch
@@ -33,7 +40,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +49,21 @@ from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.atomic import atomic_write
-from fastfilm.config import ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from, validate_training
+from fastfilm.config import (ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from, train_recipe,
+                             validate_training)
 from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Batch, Loader, resident_bytes, resident_decision
 from fastfilm.data.vocab import Vocab
-from fastfilm.engine import distributed, finetune, rundir
+from fastfilm.engine import bn_stats, distributed, finetune, rundir
 from fastfilm.engine.batching import pad_batch
 from fastfilm.engine.build import build, build_optimizer
 from fastfilm.engine.metrics import accuracy_report
 from fastfilm.engine.options import resolve
 from fastfilm.engine.predictor import Predictor, predict
+from fastfilm.engine.schedule import LRSchedule
 from fastfilm.engine.step import TrainStep
+from fastfilm.engine.stopping import Stopping, spread
 from fastfilm.engine.tensorboard_log import TensorBoardLog
 from fastfilm.errors import UserError
 
@@ -84,7 +94,9 @@ class Progress:
     step: int = 0               # optimizer steps in all
     best_accuracy: float = -1.0
     best_epoch: int = -1
-    stale_epochs: int = 0       # complete epochs since the best one
+    stale_epochs: int = 0       # complete epochs since the smoothed val accuracy last improved
+    smoothed_best: float = -1.0
+    val_history: list = field(default_factory=list)  # val accuracy of each complete epoch
     best_report: dict | None = None
     elapsed_s: float = 0.0
 
@@ -205,7 +217,7 @@ class Trainer:
         if self.init:
             model_cfg = self.init.model_cfg
             cfg = dataclasses.replace(cfg, preset=self.init.meta.get("train_config", {}).get("preset", cfg.preset))
-        self.cfg, self.model_cfg = cfg, model_cfg
+        self.cfg, self.model_cfg = train_recipe(cfg), model_cfg
         # Batch norm cannot train on one question (config.validate_training): a batch of one,
         # the last of an epoch, is skipped.
         self.skips_single, self.skip_noted = model_cfg.batchnorm, False
@@ -345,6 +357,7 @@ class Trainer:
             raise UserError(f"{cfg.data}: {self.loader.per_rank} training question per step"
                             f"{' and rank' if dctx.enabled else ''}, and batch norm cannot train on one; "
                             "use more questions (--max-train-questions) or --no-batchnorm")
+        self._build_learning()
 
     def _resident(self, split, limit: int = 0) -> bool:
         """--resident for one split on this rank's device (the reason said once, by rank 0)."""
@@ -353,6 +366,30 @@ class Trainer:
         if why:
             distributed.note(why)
         return on
+
+    def _build_learning(self) -> None:
+        """The lr schedule, the batch-norm statistics policy and the eval-gap sample."""
+        cfg, dctx = self.cfg, self.dctx
+        self.schedule = LRSchedule.for_run(cfg.lr, cfg.lr_schedule, cfg.warmup, steps_per_epoch=len(self.loader),
+                                           epochs=cfg.epochs, max_minutes=cfg.max_minutes)
+        if self.resumed:
+            self.schedule.load_state_dict(self.resumed.get("schedule", {}))
+        bn_stats.set_momentum(self.model, cfg.bn_momentum)
+        # Batches as training makes them (size, grouping, this rank's shard) in orders of their own
+        # (another seed), full ones only: batch statistics depend on the batch size.
+        shard, n = (dctx.rank, dctx.world_size), self.loader.num_questions
+        full = n // dctx.world_size >= cfg.batch_size
+        self.stats_loader = Loader(self.train_split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
+                                   device=dctx.device, limit=cfg.max_train_questions, shard=shard,
+                                   group=cfg.group_questions, drop_last=full)
+        # The gap sample (the stats loader's "epoch 0"): the same training questions after every epoch.
+        gap_batches = -(-cfg.eval_gap_questions // (cfg.batch_size * dctx.world_size))
+        self.gap_batches = [b for _, b in zip(range(gap_batches), self.stats_loader.epoch(0))]
+        self.bn_record = ({"method": "precise", "batches": cfg.precise_bn_batches, "batch_size": cfg.batch_size,
+                           "group_questions": cfg.group_questions,
+                           "ranks": "each rank's own batches, then the mean over ranks"}
+                          if cfg.bn_stats == "precise" and cfg.precise_bn_batches > 0
+                          else {"method": "running", "momentum": cfg.bn_momentum})
 
     # ------------------------------------------------------------ training
 
@@ -401,12 +438,16 @@ class Trainer:
         step_questions = self.cfg.batch_size * dctx.world_size
         bar = epoch_bar(len(self.loader), p.batch, step_questions, desc=f"epoch {p.epoch + 1}/{self.cfg.epochs}",
                         disable=not self.show_bar)
+        clock_each_step = self.schedule.reads_clock and not dctx.enabled
         for batch in self.loader.epoch(p.epoch, start_batch=p.batch):
             if self._skip(batch):
                 p.batch += 1  # its place in the epoch still counts, for exact resume
                 bar.update(step_questions)
                 continue
             batch = batch.to(device, non_blocking=True)
+            if clock_each_step:  # one process: its own clock; under torchrun rank 0's, below
+                self.schedule.observe(time.perf_counter() - t_start)
+            self.schedule.apply(self.optimizer, p.step)
             loss, hits = self._step(batch)
             loss_sum += loss * len(batch)
             correct += hits
@@ -420,6 +461,8 @@ class Trainer:
                 # also its only extra collective, which sums them over ranks and hands every rank
                 # rank 0's time-budget verdict.
                 g_loss, g_correct, g_seen, over_budget = dctx.totals(loss_sum, correct, seen, over_budget)
+                if self.schedule.reads_clock and dctx.enabled:
+                    self.schedule.observe(dctx.shared_float(time.perf_counter() - t_start))
                 self._check_finite(g_loss / g_seen, f"at step {p.step} (epoch {p.epoch + 1})")
                 bar.set_postfix(loss=f"{g_loss / g_seen:.3f}", acc=f"{g_correct / g_seen:.3f}")
             elif dctx.enabled:
@@ -433,6 +476,34 @@ class Trainer:
             self._check_finite(g_loss / g_seen, f"in epoch {p.epoch + 1}")
         return EpochResult(loss=g_loss / max(g_seen, 1), accuracy=g_correct / max(g_seen, 1), seen=g_seen,
                            seconds=time.perf_counter() - t_epoch, complete=complete)
+
+    def _forward_batch(self, batch: Batch) -> torch.Tensor:
+        """Logits [B, A] of a loader batch, run as a training step runs it (autocast, grouped images)."""
+        image_index = batch.image_index if self.cfg.group_questions > 1 else None
+        with self.ex.autocast():
+            return self.model(batch.images, batch.questions, batch.lengths, image_index).float()
+
+    def prepare_evaluation(self) -> dict:
+        """Batch-norm statistics for the weights as they are now (precise BN), then the eval-mode
+        gap on the fixed sample of training questions; returns the figures metrics.jsonl records."""
+        p, cfg, dctx = self.progress, self.cfg, self.dctx
+        t0 = time.perf_counter()
+        out: dict = {"bn_stats": self.bn_record["method"]}
+        if self.bn_record["method"] == "precise":
+            # Fresh batches for each epoch, chosen by its number: a resumed run uses the same ones.
+            batches = (b.to(dctx.device) for _, b in zip(range(cfg.precise_bn_batches),
+                                                         self.stats_loader.epoch(1 + p.epoch)))
+            bn_stats.recompute(self.model, self._forward_batch, batches, average=dctx.average_)
+        if self.gap_batches:
+            hits_train, hits_eval, count = bn_stats.train_vs_eval(
+                self.model, self._forward_batch, (b.to(dctx.device) for b in self.gap_batches))
+            counts = torch.tensor([hits_train, hits_eval, count], dtype=torch.float64, device=dctx.device)
+            dctx.average_([counts])  # the mean over ranks of counts is proportional to their sum
+            hits_train, hits_eval, count = counts.tolist()
+            out.update(gap_train_mode_accuracy=hits_train / count, gap_eval_mode_accuracy=hits_eval / count,
+                       eval_gap=(hits_train - hits_eval) / count, gap_questions=round(count * dctx.world_size))
+        out["bn_stats_s"] = time.perf_counter() - t0
+        return out
 
     def evaluate(self) -> dict:
         """accuracy_report of the validation split (every rank gets the merged report)."""
@@ -448,42 +519,55 @@ class Trainer:
         return {"arch": self.model_cfg.arch, "model_config": dataclasses.asdict(self.model_cfg),
                 "train_config": dataclasses.asdict(self.cfg), "vocab": self.vocab.to_json(),
                 "world_size": self.dctx.world_size, "train_fingerprint": self.fingerprint,
-                "train_questions": len(self.train_split), **extra}
+                "train_questions": len(self.train_split), "bn_stats": self.bn_record, **extra}
 
     def save_state(self) -> None:
         ckpt.save_training_state(self.run_dir, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
             # json text: weights_only loading accepts it whatever the nested types are.
-            "progress": self.progress.to_json(), "meta": self._meta(),
+            "progress": self.progress.to_json(), "meta": self._meta(), "schedule": self.schedule.state_dict(),
         })
         self.saved_at = self.progress.position()
 
-    def record(self, result: EpochResult, report: dict) -> None:
-        """metrics.jsonl line, best checkpoint, training state and the epoch's log line."""
-        p = self.progress
+    def record(self, result: EpochResult, report: dict, stats: dict | None = None) -> None:
+        """metrics.jsonl line, best checkpoint, training state and the epoch's log line.
+        stats: prepare_evaluation()'s figures (batch-norm statistics, eval-mode gap)."""
+        p, cfg = self.progress, self.cfg
+        acc = report["accuracy"]
+        # Smoothing and spread over complete epochs; a partial one (time budget) is shown as the latest.
+        history = p.val_history + ([acc] if acc is not None else [])
+        stop = Stopping(p.smoothed_best, p.stale_epochs)
+        if acc is not None and result.complete:
+            p.val_history = history
+            stop.update(history, cfg.smooth_epochs)
+            p.smoothed_best, p.stale_epochs = stop.best, stop.stale
+        recent = history[-cfg.smooth_epochs:]
         line = {"epoch": p.epoch, "step": p.step, "complete_epoch": result.complete,
                 "train_loss": result.loss, "train_accuracy": result.accuracy,
-                "val_accuracy": report["accuracy"], "val_per_type": report["per_type"],
-                "train_questions_per_s": result.seen / max(result.seconds, 1e-9), "elapsed_s": p.elapsed_s}
+                "val_accuracy": acc, "val_per_type": report["per_type"],
+                "val_smoothed": sum(recent) / len(recent) if recent else None,
+                "val_spread": spread(history, cfg.smooth_epochs) if history else None,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "train_questions_per_s": result.seen / max(result.seconds, 1e-9), "elapsed_s": p.elapsed_s,
+                **(stats or {})}
         if self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             if self.tensorboard:
                 self.tensorboard.write(line)
         # Every rank holds the same merged report, so this bookkeeping agrees across ranks.
-        if report["accuracy"] is not None and report["accuracy"] > p.best_accuracy:
-            p.best_accuracy, p.best_epoch, p.stale_epochs, p.best_report = report["accuracy"], p.epoch, 0, report
+        if acc is not None and acc > p.best_accuracy:
+            p.best_accuracy, p.best_epoch, p.best_report = acc, p.epoch, report
             if self.main:
-                ckpt.save_best(self.run_dir, self.model, self._meta(val_accuracy=report["accuracy"], epoch=p.epoch))
-        elif result.complete:
-            p.stale_epochs += 1
+                ckpt.save_best(self.run_dir, self.model, self._meta(val_accuracy=acc, epoch=p.epoch))
         if self.main:
             self.save_state()
             # One line per epoch even without a terminal (logs, CI), where the bar is off.
-            print(f"[{self.run_dir.name}] epoch {p.epoch}: train loss {result.loss:.3f}, val "
-                  f"{100 * (report['accuracy'] or 0):.2f}%, {line['train_questions_per_s']:.0f} q/s, "
-                  f"{'epoch' if result.complete else 'part of an epoch'} trained in "
-                  f"{tqdm.format_interval(result.seconds)}", file=sys.stderr)
+            gap = f", eval gap {100 * line['eval_gap']:+.1f} pts" if "eval_gap" in line else ""
+            print(f"[{self.run_dir.name}] epoch {p.epoch}: train loss {result.loss:.3f}, val {100 * (acc or 0):.2f}% "
+                  f"(spread {100 * (line['val_spread'] or 0):.1f} pts over {len(recent)}){gap}, lr {line['lr']:.2g}, "
+                  f"{line['train_questions_per_s']:.0f} q/s, {'epoch' if result.complete else 'part of an epoch'} "
+                  f"trained in {tqdm.format_interval(result.seconds)}", file=sys.stderr)
 
     def run(self) -> dict:
         """Train until the epochs, the time budget or early stopping end it; returns the final
@@ -496,13 +580,14 @@ class Trainer:
             result = self.train_epoch(t_start, budget_s)
             if result.complete:
                 p.epoch, p.batch = p.epoch + 1, 0
+            stats = self.prepare_evaluation()
             report = self.evaluate()
             p.elapsed_s = time.perf_counter() - t_start
-            self.record(result, report)
+            self.record(result, report, stats)
             if not result.complete:
                 stopped = "max_minutes"
                 break
-            if self.dctx.broadcast_flag(bool(cfg.patience) and p.stale_epochs >= cfg.patience):
+            if self.dctx.broadcast_flag(Stopping(p.smoothed_best, p.stale_epochs).should_stop(cfg.patience)):
                 stopped = "early_stopping"
                 break
         return self._finish(stopped)
