@@ -60,6 +60,8 @@ def test_eval_json_reports_overall_per_type_and_family(trained, generated_clevr,
         by_type[type_of_program(q["program"])].append(hit)
         by_family[str(q["question_family_index"])].append(hit)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (a correctly rounded quotient, as numpy's)
+    # How the checkpoint's batch-norm statistics were computed travels with the report.
+    assert report.pop("bn_stats")["method"] in ("precise", "running")
     assert report == {"split": "val", "accuracy": mean(hits), "count": 16,
                       "per_type": {k: mean(v) for k, v in by_type.items()},
                       "per_family": {k: mean(v) for k, v in by_family.items()}}

@@ -35,8 +35,11 @@ def expected_scalars(lines: list[dict]) -> list[tuple[str, float, int]]:
     out = []
     for line in lines:
         step = line["step"]
-        for key in ("epoch", "train_loss", "train_accuracy", "val_accuracy", "train_questions_per_s", "elapsed_s"):
-            out.append((key, float(line[key]), step))
+        for key in ("epoch", "train_loss", "train_accuracy", "val_accuracy", "train_questions_per_s", "elapsed_s",
+                    "val_smoothed", "val_spread", "lr", "gap_train_mode_accuracy", "gap_eval_mode_accuracy",
+                    "eval_gap", "gap_questions", "bn_stats_s"):
+            if line.get(key) is not None:
+                out.append((key, float(line[key]), step))
         out.append(("complete_epoch", 1.0 if line["complete_epoch"] else 0.0, step))
         out += [(f"val_per_type/{t}", float(v), step) for t, v in line["val_per_type"].items() if v is not None]
     return sorted(out)

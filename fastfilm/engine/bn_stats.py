@@ -93,13 +93,17 @@ def recompute(model: nn.Module, forward: Forward, batches: Iterable,
     n = 0
     # Momentum 1: after a train-mode forward the running buffers hold that batch's statistics.
     with _TrainModeNoUpdate(model, momentum=1.0):
+        # A frozen part stays in eval mode (fine-tuning, model/freeze.py): its statistics are
+        # not the current batches' and are left exactly as they are.
+        bns = [bn for bn in bns if bn.training]
+        sums = sums[:len(bns)]
         for batch in batches:
             forward(batch)
             for bn, (mean, var) in zip(bns, sums):
                 mean += bn.running_mean
                 var += bn.running_var
             n += 1
-    if n == 0:
+    if n == 0 or not bns:
         return 0
     flat = [t for pair in sums for t in pair]
     for t in flat:
