@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda120", "h5py", "tensorboard"],
+        # The tests cover every extra: figures (matplotlib), HDF5 features, TensorBoard, DALI.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "nvidia-dali-cuda120", "h5py", "tensorboard", "matplotlib"],
         "plot": ["matplotlib"],
         # HDF5 feature files (clevr-iep's train_features.h5); .npy features need nothing.
         "features": ["h5py"],
