@@ -16,6 +16,17 @@ if not torch.cuda.is_available():
 
 from fastfilm.config import GenerateConfig
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module's tests, restored after. Their tensors are
+    tiny: on a shared 2-core machine a second thread costs more in OpenMP synchronisation
+    than it computes. A module opts in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_FAMILIES = "zero_hop_exist,zero_hop_query_color,zero_hop_query_shape,compare_color"
 
 

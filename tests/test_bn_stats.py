@@ -17,13 +17,8 @@ from fastfilm.model import build_model
 VOCAB, ANSWERS = 30, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine one thread is faster and the sums are stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(b: int, seed: int, size: int = 32, length: int = 9, images: int | None = None) -> Batch:

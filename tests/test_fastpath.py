@@ -50,14 +50,8 @@ def build(cfg, ex: Execution):
     return build_model(cfg, VOCAB, ANSWERS, fast=not ex.reference, fused=ex.fused, channels_last=ex.channels_last)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a parallel region costs more than it saves, and on a shared 2-core machine
-    an OpenMP barrier waiting for a descheduled thread costs milliseconds (10x this file's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config_id(overrides: dict) -> str:

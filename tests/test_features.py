@@ -35,14 +35,8 @@ ATTRIBUTES = (("color", COLORS), ("shape", ("cube", "sphere", "cylinder")), ("ma
 GT_CHANNELS = sum(len(values) for _, values in ATTRIBUTES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a 2-core machine shared with other jobs, a second intra-op
-    # thread costs far more in synchronisation than it computes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ground_truth_features(data: Path, split: str, grid: int = 4) -> np.ndarray:

@@ -28,13 +28,8 @@ TINY = ["--preset", "tiny", "--batch-size", "16", "--device", "cpu", "--no-compi
 TUNED = ("question.", "film_generator.")  # what --train-only film_generator trains
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread costs more than it computes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,8 @@ FP32 = dict(rtol=1e-4, atol=1e-5)
 # (errors of order 100%). Gradients: see the training step test.
 BF16_REL_L2 = 0.05
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads cost more than they save on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def batch(b=8, length=12, size=32, seed=0):

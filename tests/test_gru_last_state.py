@@ -103,14 +103,8 @@ def run(embedding, gru, tokens, lengths, fn, dout, **kw):
     return out, grads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a shared 2-core machine an OpenMP barrier waiting for a descheduled
-    thread costs more than the parallel region saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

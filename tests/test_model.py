@@ -21,14 +21,8 @@ from fastfilm.model.reference import coord_map
 VOCAB, ANSWERS = 30, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine an OpenMP barrier waiting for a descheduled
-    thread costs more than the parallel region saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(b=4, size=32, length=9, seed=0):

@@ -13,13 +13,8 @@ from fastfilm.config import TrainConfig, model_config
 from fastfilm.engine import trainer as train_mod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second intra-op thread costs more than it computes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors on a shared 2-core machine: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(data, run, **kw) -> list[dict]:
