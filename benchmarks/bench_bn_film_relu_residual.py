@@ -77,16 +77,16 @@ def candidate_fn(name: str) -> Callable:
             "triton": lambda: fused("triton")}[name]()
 
 
-def inputs(shape, dtype, layout: str, grad: bool):
+def inputs(shape, dtype, layout: str, grad: bool, device: str = DEVICE):
     """y, residual: [N, C, H, W]; gamma, beta: [N, C]; running stats [C] fp32."""
     N, C, H, W = shape
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    y = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
-    res = torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
-    gamma = 1 + 0.5 * torch.randn(N, C, device=DEVICE, dtype=dtype)
-    beta = 0.5 * torch.randn(N, C, device=DEVICE, dtype=dtype)
+    y = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    res = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    gamma = 1 + 0.5 * torch.randn(N, C, device=device, dtype=dtype)
+    beta = 0.5 * torch.randn(N, C, device=device, dtype=dtype)
     acts = [t.requires_grad_(grad) for t in (y, res, gamma, beta)]
-    return acts, torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    return acts, torch.zeros(C, device=device), torch.ones(C, device=device)
 
 
 def min_bytes(shape, dtype, mode: str) -> int:
@@ -95,10 +95,10 @@ def min_bytes(shape, dtype, mode: str) -> int:
     return (6 if mode == "train_fwd_bwd" else 3) * elems * torch.empty((), dtype=dtype).element_size()
 
 
-def closure(fn: Callable, shape, dtype, layout: str, mode: str) -> Callable[[], object]:
+def closure(fn: Callable, shape, dtype, layout: str, mode: str, device: str = DEVICE) -> Callable[[], object]:
     """One call of `fn` in `mode` on fixed inputs."""
     grad = mode == "train_fwd_bwd"
-    acts, rm, rv = inputs(shape, dtype, layout, grad)
+    acts, rm, rv = inputs(shape, dtype, layout, grad, device)
     training = mode != "eval_fwd"
     if not grad:
         def call():
@@ -112,10 +112,10 @@ def closure(fn: Callable, shape, dtype, layout: str, mode: str) -> Callable[[], 
     return call_bwd
 
 
-def copy_closure(nbytes: int, dtype) -> Callable[[], object]:
+def copy_closure(nbytes: int, dtype, device: str = DEVICE) -> Callable[[], object]:
     """A copy moving `nbytes` (half read, half written)."""
     n = nbytes // (2 * torch.empty((), dtype=dtype).element_size())
-    src = torch.randn(n, device=DEVICE).to(dtype)
+    src = torch.randn(n, device=device).to(dtype)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
 

@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The op benchmark's candidates and inputs, measured here at the GPU suite's shapes.
+from bench_bn_film_relu_residual import closure, copy_closure, fused, min_bytes, unfused  # noqa: E402
 from harness import machine  # noqa: E402
 
 from fastfilm.atomic import write_json  # noqa: E402
 from fastfilm.errors import UserError  # noqa: E402
-from fastfilm.kernels.bn_film_relu_residual import bn_film_relu_residual  # noqa: E402
 
 # --------------------------------------------------------------------------- fused op
 
@@ -42,55 +42,10 @@ LAYOUTS = ("channels_last", "contiguous")
 MODES = ("train_fwd_bwd", "train_fwd", "eval_fwd")
 
 
-def unfused(y, residual, gamma, beta, running_mean, running_var, training: bool):
-    """The expression the op replaces. y, residual: [N, C, H, W]; gamma, beta: [N, C]."""
-    bn = F.batch_norm(y, running_mean, running_var, None, None, training, 0.1, 1e-5)
-    return residual + torch.relu(gamma[:, :, None, None] * bn + beta[:, :, None, None])
-
-
-def fused(backend: str):
-    def fn(y, residual, gamma, beta, running_mean, running_var, training: bool):
-        return bn_film_relu_residual(y, residual, gamma, beta, running_mean, running_var, training=training,
-                                     backend=backend)
-    return fn
-
-
 def cases() -> list[tuple]:
     """(shape, dtype name, layout, mode), most important first: the model's default on a GPU
     (bf16, channels_last, training step) at both shapes, then the rest."""
     return [(s, d, lay, m) for d in DTYPES for lay in LAYOUTS for m in MODES for s in SHAPES]
-
-
-def min_bytes(shape, dtype: torch.dtype, mode: str) -> int:
-    elems = shape[0] * shape[1] * shape[2] * shape[3]
-    return (6 if mode == "train_fwd_bwd" else 3) * elems * torch.empty((), dtype=dtype).element_size()
-
-
-def closure(fn, shape, dtype: torch.dtype, layout: str, mode: str, device: str):
-    """One call of fn in `mode` on fixed random inputs."""
-    N, C, _, _ = shape
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    grad = mode == "train_fwd_bwd"
-    acts = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
-    acts += [1 + 0.5 * torch.randn(N, C, device=device, dtype=dtype),      # gamma
-             0.5 * torch.randn(N, C, device=device, dtype=dtype)]          # beta
-    acts = [t.requires_grad_(grad) for t in acts]
-    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    training = mode != "eval_fwd"
-    if not grad:
-        def call():
-            with torch.no_grad():
-                return fn(*acts, rm, rv, training)
-        return call
-    dout = torch.randn_like(acts[0])
-    return lambda: torch.autograd.grad(fn(*acts, rm, rv, training), acts, dout)
-
-
-def copy_closure(nbytes: int, dtype: torch.dtype, device: str):
-    n = nbytes // (2 * torch.empty((), dtype=dtype).element_size())
-    src = torch.randn(n, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
 
 
 def _sync(device: str) -> None:
