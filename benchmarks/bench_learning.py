@@ -50,12 +50,32 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def recipe(name: str) -> dict:
+    """A recipe's TrainConfig overrides: a name from RECIPES, or ad hoc `key=value[+key=value]`
+    with TrainConfig field names (`lr=2e-3+lr_schedule=linear`), each value of its field's type."""
+    if name in RECIPES:
+        return RECIPES[name]
+    from fastfilm.config import TrainConfig
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for part in name.split("+"):
+        key, eq, value = part.partition("=")
+        if not eq or key not in types:
+            raise SystemExit(f"recipe {name!r}: {part!r} is neither a recipe ({', '.join(RECIPES)}) nor "
+                             "key=value with a TrainConfig field")
+        out[key] = types[key](value)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=("recipes", "evaluation", "plot"))
     p.add_argument("data", nargs="+", help="datasets (recipes, evaluation) or a results JSON (plot)")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--recipes", default="default,constant,cosine,linear", help=f"from {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default="default,constant,cosine,linear",
+                   help=f"comma-separated: names from {', '.join(RECIPES)}, or ad hoc key=value[+key=value] "
+                        "TrainConfig overrides (lr=2e-3+lr_schedule=linear)")
     p.add_argument("--minutes", type=float, default=1.5, help="time budget of each recipes run")
     p.add_argument("--epochs", type=int, default=5, help="epochs of each evaluation run")
     p.add_argument("--max-train-questions", type=int, default=10000,
@@ -98,13 +118,14 @@ def _recipes_worker(job: tuple) -> list[dict]:
         for name in recipes:
             out = Path(tmp) / f"{Path(data).name}-{name}-{seed}"
             cfg = TrainConfig(data=data, out=str(out), preset=preset, seed=seed, max_minutes=minutes,
-                              max_train_questions=limit, **{**BASE, **RECIPES[name]})
+                              max_train_questions=limit, **{**BASE, **recipe(name)})
             load0 = _load()
             metrics = train(cfg, model_config(preset), progress=False)
             curve = _curve(out, cfg.batch_size)
             resolved = train_recipe(cfg)
-            results.append({"data": Path(data).name, "recipe": name, "seed": seed,
-                            "lr": cfg.lr, "lr_schedule": resolved.lr_schedule, "warmup": resolved.warmup,
+            results.append({"data": Path(data).name, "recipe": name, "seed": seed, "overrides": recipe(name),
+                            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+                            "group_questions": cfg.group_questions, "lr_schedule": resolved.lr_schedule, "warmup": resolved.warmup,
                             "final_val": curve[-1]["val_accuracy"], "best_val": metrics["val_accuracy"],
                             "questions": curve[-1]["questions"], "elapsed_s": metrics["elapsed_s"],
                             "load_average": [load0, _load()], "curve": curve})
@@ -140,7 +161,7 @@ def run_recipes(args) -> dict:
     return {"part": "recipes", "preset": args.preset, "minutes": args.minutes, "threads_per_run": args.threads,
             "parallel_runs": len(seeds) if args.parallel == "seeds" else len(recipes), "parallel": args.parallel,
             "max_train_questions": args.max_train_questions, "base": BASE,
-            "recipes": {k: RECIPES[k] for k in recipes}, "summary": _summary(runs), "runs": runs}
+            "recipes": {k: recipe(k) for k in recipes}, "summary": _summary(runs), "runs": runs}
 
 
 # ---------------------------------------------------------------- evaluation
