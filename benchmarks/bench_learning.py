@@ -38,9 +38,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import write_results  # noqa: E402
 
-# The cpu preset trains like the quickstart (lr 1e-3, four questions per image, no compile);
-# each recipe changes only what it names.
-BASE = dict(lr=1e-3, group_questions=4, batch_size=64, compile=False, patience=0, epochs=1000)
+# Every run trains as the quickstart does: the preset's recipe (config.TRAIN_PRESETS), no
+# compile, no early stopping; each recipe changes only what it names.
+BASE = dict(compile=False, patience=0, epochs=1000)
 RECIPES: dict[str, dict] = {
     "default": {},                                               # TRAIN_PRESETS[preset]
     "constant": dict(lr_schedule="constant", warmup="0"),
@@ -121,11 +121,11 @@ def _recipes_worker(job: tuple) -> list[dict]:
                               max_train_questions=limit, **{**BASE, **recipe(name)})
             load0 = _load()
             metrics = train(cfg, model_config(preset), progress=False)
-            curve = _curve(out, cfg.batch_size)
             resolved = train_recipe(cfg)
+            curve = _curve(out, resolved.batch_size)
             results.append({"data": Path(data).name, "recipe": name, "seed": seed, "overrides": recipe(name),
-                            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
-                            "group_questions": cfg.group_questions, "lr_schedule": resolved.lr_schedule, "warmup": resolved.warmup,
+                            "lr": resolved.lr, "batch_size": resolved.batch_size,
+                            "weight_decay": resolved.weight_decay, "group_questions": resolved.group_questions, "lr_schedule": resolved.lr_schedule, "warmup": resolved.warmup,
                             "final_val": curve[-1]["val_accuracy"], "best_val": metrics["val_accuracy"],
                             "questions": curve[-1]["questions"], "elapsed_s": metrics["elapsed_s"],
                             "load_average": [load0, _load()], "curve": curve})

@@ -67,7 +67,12 @@ def add_dataclass_arguments(parser, cls: type, *, defaults_from_preset: bool = F
             continue
         default = (defaults or {}).get(f.name, f.default)
         tristate = typ == bool | None  # None: "auto", resolved for the machine (engine/options.py)
-        shown = "preset" if defaults_from_preset else "auto" if tristate and default is None else repr(default)
+        # None for a number: the --preset's value (config.TRAIN_PRESETS), named in the help.
+        from_preset = typ in (int | None, float | None) and default is None
+        if typ in (int | None, float | None):
+            typ = int if typ == int | None else float
+        shown = ("preset" if defaults_from_preset or from_preset else "auto" if tristate and default is None
+                 else repr(default))
         kwargs: dict = {"dest": dest, "default": None if defaults_from_preset else default,
                         "help": f"{help_text} (default: {shown})"}
         if "choices" in f.metadata:

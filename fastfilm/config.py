@@ -170,6 +170,25 @@ def fast_config(cfg: FastConfig) -> FastConfig:
 
 # ---------------------------------------------------------------- training
 
+# The training recipe of each model preset: what --lr, --batch-size, --weight-decay,
+# --group-questions, --lr-schedule and --warmup default to ("preset"). `paper` is the paper's
+# constant Adam (and `tiny`, the tests' model, keeps it). `cpu` was chosen by time to
+# accuracy on several kinds of generated data (benchmarks/bench_learning.py,
+# benchmarks/results/learning_*_cpu.json, docs/learning.md has the tables).
+TRAIN_PRESETS: dict[str, dict] = {
+    "paper": dict(lr=3e-4, batch_size=64, weight_decay=1e-5, group_questions=1, lr_schedule="constant", warmup="0"),
+    "cpu": dict(lr=1e-3, batch_size=64, weight_decay=1e-5, group_questions=4, lr_schedule="constant", warmup="0"),
+    "tiny": dict(lr=3e-4, batch_size=64, weight_decay=1e-5, group_questions=1, lr_schedule="constant", warmup="0"),
+}
+
+
+def _by_preset(name: str) -> str:
+    """'preset: paper 3e-4, cpu 1e-3, tiny 3e-4': a recipe field's value per preset, for --help."""
+    def shown(v) -> str:
+        return f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float) and 0 < v < 0.01 else str(v)
+    return "preset: " + ", ".join(f"{p} {shown(r[name])}" for p, r in TRAIN_PRESETS.items())
+
+
 @dataclass
 class TrainConfig(FastConfig):
     """`fastfilm train`: optimisation and run bookkeeping. Defaults are the paper's."""
@@ -181,12 +200,15 @@ class TrainConfig(FastConfig):
     preset: str = _f("auto", "model preset: paper, cpu, tiny, or auto (paper on a GPU, cpu on a CPU, said in one "
                      "line)", choices=("auto", *PRESETS))
     epochs: int = _f(80, "maximum epochs (paper: at most 80)")
-    batch_size: int = _f(64, "questions per step and per rank under torchrun (paper: 64). Batch norm normalises over "
-                         "a step's questions, so it needs two: 1 is refused unless --no-batchnorm, and with batch "
-                         "norm an epoch's last batch of a single question is skipped (a different question each "
-                         "epoch: the order is reshuffled)")
-    lr: float = _f(3e-4, "Adam learning rate for the global batch, world size x batch (paper: 3e-4)")
-    weight_decay: float = _f(1e-5, "Adam weight decay (paper: 1e-5)")
+    batch_size: int | None = _f(None, "questions per step and per rank under torchrun (paper: 64). Batch norm "
+                                "normalises over a step's questions, so it needs two: 1 is refused unless "
+                                "--no-batchnorm, and with batch norm an epoch's last batch of a single question is "
+                                "skipped (a different question each epoch: the order is reshuffled); "
+                                + _by_preset("batch_size"))
+    lr: float | None = _f(None, "Adam learning rate for the global batch, world size x batch (paper: 3e-4); "
+                          + _by_preset("lr"))
+    weight_decay: float | None = _f(None, "Adam weight decay (paper: 1e-5; the paper's author found it essential "
+                                    "on CLEVR); " + _by_preset("weight_decay"))
     patience: int = _f(10, "early stopping: complete epochs without a better smoothed val accuracy (the mean of the "
                        "last --smooth-epochs epochs) before stopping (0: never)")
     smooth_epochs: int = _f(3, "early stopping watches the mean val accuracy of the last N complete epochs, not one "
@@ -212,15 +234,15 @@ class TrainConfig(FastConfig):
     eval_batch_size: int = _f(256, "questions per evaluation step")
     log_every: int = _f(20, "steps between progress-bar loss/accuracy updates (each costs a host sync)")
     max_train_questions: int = _f(0, "use only the first N training questions (0: all)")
-    group_questions: int = _f(1, "keep up to this many questions about one image together in a batch, so the "
-                              "image goes through the stem once for all of them (1: independent questions, as in "
-                              "the paper); see docs/fastpath.md")
+    group_questions: int | None = _f(None, "keep up to this many questions about one image together in a batch, so "
+                                     "the image goes through the stem once for all of them (1: independent "
+                                     "questions, as in the paper; docs/fastpath.md); " + _by_preset("group_questions"))
     lr_schedule: str = _f("preset", "learning rate after the warm-up: constant, or cosine or linear decay to zero at "
                           "the end of the budget (--epochs, or --max-minutes if it ends first: the decay then follows "
-                          "the clock); preset: the --preset's recipe (TRAIN_PRESETS: constant for paper and cpu)",
+                          "the clock); " + _by_preset("lr_schedule"),
                           choices=("preset", "constant", "cosine", "linear"))
     warmup: str = _f("preset", "linear learning-rate warm-up over N steps ('200') or a share of the budget ('5%%'); "
-                     "preset: the --preset's recipe (TRAIN_PRESETS: 0 for paper and cpu)")
+                     + _by_preset("warmup").replace("%", "%%"))
     bn_stats: str = _f("precise", "batch-norm statistics of every evaluated and saved model: precise (recomputed from "
                        "--precise-bn-batches training batches before each evaluation) or running (training's moving "
                        "average, as in the paper's code); recorded in the checkpoints",
@@ -237,21 +259,11 @@ class TrainConfig(FastConfig):
                                "error (a crashed or stalled rank); raise it if first-step compilation is slower")
 
 
-# The training recipe each model preset gets where --lr-schedule/--warmup say "preset". `paper`
-# is the paper's constant Adam. For `cpu`, cosine and linear decay with a 5% warm-up were no
-# better than constant at the end of 1.25-minute budgets on four kinds of generated data
-# (benchmarks/results/learning_recipes_cpu.json, docs/learning.md), so it stays constant.
-TRAIN_PRESETS: dict[str, dict] = {
-    "paper": dict(lr_schedule="constant", warmup="0"),
-    "cpu": dict(lr_schedule="constant", warmup="0"),
-    "tiny": dict(lr_schedule="constant", warmup="0"),
-}
-
-
 def train_recipe(cfg: TrainConfig) -> TrainConfig:
-    """cfg with every "preset" recipe field replaced by its --preset's value."""
+    """cfg with every recipe field left to the preset (None, or "preset" for the two string
+    fields) replaced by its --preset's value from TRAIN_PRESETS ('auto' and unknown: paper's)."""
     recipe = TRAIN_PRESETS.get(cfg.preset, TRAIN_PRESETS["paper"])
-    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) == "preset"})
+    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "preset")})
 
 
 def train_config_from(saved: dict) -> TrainConfig:
@@ -317,13 +329,12 @@ class QuickstartConfig:
                               "min_objects", "max_objects", "zoom", "families"),
         train_images=4000, val_images=300, image_width=96, image_height=64, max_objects=4, zoom=1.9,
         families=QUICKSTART_FAMILIES)
-    # A higher learning rate than the paper's for a run of minutes; grouped questions share the
-    # stem; compile is off because its one-off cost exceeds what it saves in a few minutes
-    # (docs/fastpath.md has the measurements).
+    # The cpu preset's training recipe (TRAIN_PRESETS: chosen by time to accuracy); compile is
+    # off because its one-off cost exceeds what it saves in a few minutes (docs/fastpath.md).
     train: TrainConfig = nested(
-        TrainConfig, only=("preset", "epochs", "batch_size", "group_questions", "lr", "seed", "overwrite", "reference",
-                           "amp", "compile", "fused", "channels_last"),
-        preset="cpu", epochs=100, lr=1e-3, group_questions=4, patience=0, compile=False)
+        TrainConfig, only=("preset", "epochs", "batch_size", "group_questions", "lr", "weight_decay", "lr_schedule",
+                           "warmup", "seed", "overwrite", "reference", "amp", "compile", "fused", "channels_last"),
+        preset="cpu", epochs=100, patience=0, compile=False)
 
 
 # ---------------------------------------------------------------- analysis
@@ -378,7 +389,7 @@ def _need(ok: bool, flag: str, allowed: str, value) -> None:
 def validate(cfg) -> None:
     """Refuse impossible values before any work, naming the flag (UserError)."""
     def positive(name: str, zero_ok: bool = False) -> None:
-        if hasattr(cfg, name):
+        if hasattr(cfg, name) and getattr(cfg, name) is not None:  # None: the preset's value
             v = getattr(cfg, name)
             ok = v >= 0 if zero_ok else v > 0
             _need(isinstance(v, (int, float)) and math.isfinite(v) and ok, name,
@@ -424,7 +435,7 @@ def validate_training(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     of a step: over one question it outputs a constant, and the model would learn nothing."""
     if not cfg.data and not cfg.resume:
         raise UserError("give DATA (a CLEVR-layout directory or a cache), or --resume RUN to continue a run")
-    if cfg.batch_size == 1 and model_cfg.batchnorm and not cfg.resume:
+    if train_recipe(cfg).batch_size == 1 and model_cfg.batchnorm and not cfg.resume:
         raise UserError("--batch-size 1: batch norm normalises each unit over the questions of a step and cannot "
                         "train on one; use --batch-size 2 or more (the paper: 64), or --no-batchnorm")
 

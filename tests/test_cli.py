@@ -98,6 +98,22 @@ def test_model_flags_override_preset():
     assert model.channels == C.PRESETS["cpu"]["channels"]
 
 
+def test_recipe_flags_default_to_the_preset_and_say_its_values():
+    """--lr, --batch-size, --weight-decay, --group-questions: None (the preset's value, resolved
+    by config.train_recipe) unless given, parsed as numbers when given, and --help names each
+    preset's value."""
+    cfg, _ = split_namespace("train", build_parser().parse_args(["train", "DATA", "--preset", "cpu"]))
+    assert (cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.group_questions) == (None, None, None, None)
+    cfg, _ = split_namespace("train", build_parser().parse_args(
+        ["train", "DATA", "--lr", "2e-3", "--batch-size", "32", "--weight-decay", "0", "--group-questions", "2"]))
+    assert (cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.group_questions) == (2e-3, 32, 0.0, 2)
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
+    out = subprocess.run([sys.executable, "-m", "fastfilm", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    flat = " ".join(out.split())
+    assert "preset: paper 3e-4, cpu " in flat and "(default: preset)" in flat
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(C.UserError, match="--preset 'huge'"):
         C.model_config("huge")

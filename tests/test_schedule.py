@@ -116,10 +116,25 @@ def test_bad_arguments_are_refused():
         LRSchedule(base_lr=1.0, warmup_steps=3, warmup_fraction=0.1)
 
 
+RECIPE = ("lr", "batch_size", "weight_decay", "group_questions", "lr_schedule", "warmup")
+
+
 def test_recipe_comes_from_the_preset_unless_given():
-    assert train_recipe(TrainConfig(preset="paper")).lr_schedule == "constant"
-    assert train_recipe(TrainConfig(preset="paper")).warmup == "0"
+    paper = train_recipe(TrainConfig(preset="paper"))
+    # The paper's recipe, written out here rather than read back from TRAIN_PRESETS.
+    assert tuple(getattr(paper, k) for k in RECIPE) == (3e-4, 64, 1e-5, 1, "constant", "0")
+    assert tuple(getattr(train_recipe(TrainConfig(preset="auto")), k) for k in RECIPE) == \
+        tuple(getattr(paper, k) for k in RECIPE)
     cpu = train_recipe(TrainConfig(preset="cpu"))
-    assert (cpu.lr_schedule, cpu.warmup) == (TRAIN_PRESETS["cpu"]["lr_schedule"], TRAIN_PRESETS["cpu"]["warmup"])
-    mine = train_recipe(TrainConfig(preset="cpu", lr_schedule="linear", warmup="7"))
-    assert (mine.lr_schedule, mine.warmup) == ("linear", "7")
+    assert {k: getattr(cpu, k) for k in RECIPE} == TRAIN_PRESETS["cpu"]
+    mine = train_recipe(TrainConfig(preset="cpu", lr_schedule="linear", warmup="7", lr=5e-4, batch_size=32,
+                                    weight_decay=0.0, group_questions=1))
+    assert tuple(getattr(mine, k) for k in RECIPE) == (5e-4, 32, 0.0, 1, "linear", "7")
+
+
+def test_every_preset_has_a_whole_recipe():
+    for name, recipe in TRAIN_PRESETS.items():
+        assert set(recipe) == set(RECIPE), name
+        assert recipe["lr"] > 0 and recipe["batch_size"] >= 2 and recipe["weight_decay"] >= 0, name
+        assert recipe["group_questions"] >= 1 and recipe["lr_schedule"] in ("constant", "cosine", "linear"), name
+        parse_warmup(recipe["warmup"])

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.atomic import atomic_write
-from fastfilm.config import (ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from, train_recipe,
-                             validate_training)
+from fastfilm.config import (TRAIN_PRESETS, ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from,
+                             train_recipe, validate_training)
 from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
 from fastfilm.data.loader import Batch, Loader, resident_bytes, resident_decision
@@ -178,6 +178,14 @@ def _resumed_config(given: TrainConfig, saved: dict, run_dir: Path) -> TrainConf
                                **{name: getattr(given, name) for name in RESUME_HONOURS})
 
 
+def _note_recipe(given: TrainConfig, resolved: TrainConfig) -> None:
+    """One line naming the recipe values taken from the preset (config.TRAIN_PRESETS)."""
+    taken = [name for name in TRAIN_PRESETS["paper"] if getattr(given, name) in (None, "preset")]
+    if taken:
+        values = ", ".join(f"--{name.replace('_', '-')} {getattr(resolved, name)}" for name in taken)
+        distributed.note(f"the {resolved.preset} preset's training recipe: {values} (flags override)")
+
+
 def questions_fingerprint(split: SplitData) -> str:
     """A hash of a split's questions, lengths, answers and image rows ([Q] and [Q, L] arrays):
     equal iff the same questions, encoded with the same vocabulary, come in the same order.
@@ -218,6 +226,8 @@ class Trainer:
             model_cfg = self.init.model_cfg
             cfg = dataclasses.replace(cfg, preset=self.init.meta.get("train_config", {}).get("preset", cfg.preset))
         self.cfg, self.model_cfg = train_recipe(cfg), model_cfg
+        if not self.resumed:
+            _note_recipe(cfg, self.cfg)
         # Batch norm cannot train on one question (config.validate_training): a batch of one,
         # the last of an epoch, is skipped.
         self.skips_single, self.skip_noted = model_cfg.batchnorm, False
