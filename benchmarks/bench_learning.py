@@ -5,13 +5,20 @@ evaluations can be trusted.
         --json benchmarks/results/learning_cpu.json
     python benchmarks/bench_learning.py evaluation DATA [DATA ...] --preset cpu --epochs 5 \\
         --json benchmarks/results/learning_eval_cpu.json
+    python benchmarks/bench_learning.py speed DATA --recipes default,batch_size=128 --threads 2 \\
+        --max-train-questions 16000 --repeats 3
     python benchmarks/bench_learning.py plot benchmarks/results/learning_cpu.json     # -> .png beside it
+    python benchmarks/bench_learning.py summary benchmarks/results/learning_cpu.json  # summary recomputed
 
-`recipes`: every recipe (RECIPES: the preset's default and its alternatives) trains on every
-dataset for a time budget, once per seed; each epoch's validation accuracy is recorded against
-wall-clock time and against questions seen, with the eval-mode gap and the validation spread.
-Seeds run in parallel processes (--threads torch threads each), in the same order, so that a
-shared machine's load falls on the recipes alike; the load average is recorded per run.
+`recipes`: every recipe (a name from RECIPES, or ad hoc TrainConfig overrides such as
+`batch_size=128+lr=2e-3`; `default` is the preset's own recipe) trains on every dataset for a
+time budget, once per seed; each epoch's validation accuracy is recorded against wall-clock
+time and against questions seen, with the eval-mode gap and the validation spread, and the
+summary gives per dataset and recipe the final accuracy, the questions seen, the largest
+eval-mode gap and the largest fall of val accuracy between epochs. --parallel says what runs in
+parallel processes (--threads torch threads each): seeds (each through the recipes in order),
+recipes, or all, so that a shared machine's load falls on the runs compared alike; the load
+average is recorded per run.
 
 `evaluation`: one training run per dataset, evaluated after every epoch in several ways at
 once, on the same weights: training's running averages (momentum 0.1, the run's own, and 0.01
@@ -19,6 +26,9 @@ and 0.3, replayed from the batch statistics each step left), precise BN from 10,
 batches, and an exponential average of the weights with precise BN. For each: validation
 accuracy and the eval-mode gap (train-mode minus eval-mode accuracy on 1,024 training
 questions), and what it cost. Training itself is the same for all, so the comparison is paired.
+
+`speed`: training questions/s of each recipe, the recipes alternating round by round in one
+process, medians and ratios to the first (what a recipe's batch size or grouping costs or buys).
 
 DATA: CLEVR-layout directories (e.g. made by `fastfilm generate`); the name of each is its kind.
 """
@@ -30,13 +40,17 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import write_results  # noqa: E402
+
+from fastfilm.atomic import write_json  # noqa: E402
 
 # Every run trains as the quickstart does: the preset's recipe (config.TRAIN_PRESETS), no
 # compile, no early stopping; each recipe changes only what it names.
@@ -57,7 +71,9 @@ def recipe(name: str) -> dict:
         return RECIPES[name]
     from fastfilm.config import TrainConfig
 
-    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    # Each field's type: float for `float | None` (None: the preset's value), str for str.
+    types = {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+             for name, hint in typing.get_type_hints(TrainConfig).items()}
     out = {}
     for part in name.split("+"):
         key, eq, value = part.partition("=")
@@ -70,7 +86,7 @@ def recipe(name: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=("recipes", "evaluation", "plot"))
+    p.add_argument("part", choices=("recipes", "evaluation", "speed", "plot", "summary"))
     p.add_argument("data", nargs="+", help="datasets (recipes, evaluation) or a results JSON (plot)")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--recipes", default="default,constant,cosine,linear",
@@ -81,8 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-questions", type=int, default=10000,
                    help="training questions per epoch (small epochs: several points per curve)")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--parallel", choices=("seeds", "recipes"), default="seeds",
-                   help="what runs at the same time (recipes: the recipes of one seed share the machine's load)")
+    p.add_argument("--repeats", type=int, default=3, help="speed: alternating rounds per recipe (median reported)")
+    p.add_argument("--parallel", choices=("seeds", "recipes", "all"), default="seeds",
+                   help="what runs at the same time (recipes: the recipes of one seed share the machine's load; "
+                        "all: every recipe and seed at once, so that all runs of a dataset share it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (a loaded 2-core machine: 1)")
     p.add_argument("--json", default="",
                    help="results file (default: benchmarks/results/learning_<part>_<preset>.json)")
@@ -134,12 +152,31 @@ def _recipes_worker(job: tuple) -> list[dict]:
     return results
 
 
-def _summary(runs: list[dict]) -> dict:
-    """Per dataset and recipe: mean (and each seed's) final val accuracy; per recipe the mean over datasets."""
-    table: dict[str, dict[str, list[float]]] = {}
+def _stability(runs: list[dict]) -> dict:
+    """The issue's two checks over the complete epochs of `runs`, in points: the eval-mode gap
+    (mean and largest |gap|, and the largest positive one: eval mode below train mode), and the
+    largest fall of val accuracy from one epoch to the next while training accuracy rose."""
+    gaps, drops = [], []
     for r in runs:
-        table.setdefault(r["data"], {}).setdefault(r["recipe"], []).append(r["final_val"])
-    per_data = {d: {k: {"mean": sum(v) / len(v), "runs": v} for k, v in recipes.items()}
+        epochs = [p for p in r["curve"] if p.get("complete_epoch", True)]
+        gaps += [p["eval_gap"] for p in epochs if p.get("eval_gap") is not None]
+        drops += [a["val_accuracy"] - b["val_accuracy"] for a, b in zip(epochs, epochs[1:])
+                  if b["train_accuracy"] >= a["train_accuracy"]]
+    return {"mean_abs_eval_gap_pts": 100 * sum(map(abs, gaps)) / max(1, len(gaps)),
+            "max_abs_eval_gap_pts": 100 * max(map(abs, gaps), default=0.0),
+            "max_eval_gap_pts": 100 * max(gaps, default=0.0),  # eval mode below train mode
+            "worst_val_drop_pts": 100 * max([0.0, *drops])}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Per dataset and recipe: mean (and each seed's) final val accuracy and the questions seen
+    within the budget; per recipe the mean final val accuracy over datasets."""
+    table: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        table.setdefault(r["data"], {}).setdefault(r["recipe"], []).append(r)
+    per_data = {d: {k: {"mean": sum(x["final_val"] for x in v) / len(v), "runs": [x["final_val"] for x in v],
+                        "mean_questions": sum(x["questions"] for x in v) / len(v), **_stability(v)}
+                    for k, v in recipes.items()}
                 for d, recipes in table.items()}
     recipes = sorted({r["recipe"] for r in runs})
     overall = {k: sum(per_data[d][k]["mean"] for d in per_data if k in per_data[d]) /
@@ -154,14 +191,48 @@ def run_recipes(args) -> dict:
         rest = (args.preset, args.minutes, args.max_train_questions, args.threads, tmp)
         if args.parallel == "seeds":  # one process per seed, each through every recipe in order
             jobs, width = [(s, args.data, recipes, *rest) for s in seeds], len(seeds)
-        else:  # one process per recipe, seed by seed
-            jobs, width = [(s, args.data, [r], *rest) for s in seeds for r in recipes], len(recipes)
+        else:  # one process per recipe (and per seed: all), seed by seed
+            jobs = [(s, args.data, [r], *rest) for s in seeds for r in recipes]
+            width = len(jobs) if args.parallel == "all" else len(recipes)
         with mp.get_context("spawn").Pool(width) as pool:
             runs = [r for part in pool.map(_recipes_worker, jobs, chunksize=1) for r in part]
     return {"part": "recipes", "preset": args.preset, "minutes": args.minutes, "threads_per_run": args.threads,
-            "parallel_runs": len(seeds) if args.parallel == "seeds" else len(recipes), "parallel": args.parallel,
+            "parallel_runs": width, "parallel": args.parallel,
             "max_train_questions": args.max_train_questions, "base": BASE,
             "recipes": {k: recipe(k) for k in recipes}, "summary": _summary(runs), "runs": runs}
+
+
+# ---------------------------------------------------------------- speed
+
+def run_speed(args) -> dict:
+    """Training questions/s of each recipe: one epoch of --max-train-questions each, the recipes
+    alternating round by round in this process (--threads threads), so that a shared machine's
+    load falls on all of them alike; the median over --repeats rounds, and each one's ratio to
+    the first recipe's."""
+    import torch
+
+    from fastfilm.config import TrainConfig, model_config
+    from fastfilm.engine.trainer import train
+
+    torch.set_num_threads(args.threads)
+    recipes, data = args.recipes.split(","), args.data[0]
+    samples: dict[str, list[float]] = {r: [] for r in recipes}
+    with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
+        for i in range(args.repeats):
+            for name in recipes:
+                out = Path(tmp) / f"{i}-{len(samples[name])}-{recipes.index(name)}"
+                cfg = TrainConfig(data=data, out=str(out), preset=args.preset, seed=i, epochs=1, eval_gap_questions=0,
+                                  max_train_questions=args.max_train_questions, **{**BASE, **recipe(name)})
+                train(cfg, model_config(args.preset), progress=False)
+                line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+                samples[name].append(line["train_questions_per_s"])
+                print(f"[{i}] {name}: {line['train_questions_per_s']:.0f} q/s", file=sys.stderr, flush=True)
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    first = median[recipes[0]]
+    return {"part": "speed", "preset": args.preset, "data": Path(data).name, "threads": args.threads,
+            "questions_per_round": args.max_train_questions, "base": BASE, "recipes": {k: recipe(k) for k in recipes},
+            "summary": {k: {"median_questions_per_s": m, "ratio_to_first": m / first} for k, m in median.items()},
+            "samples": samples}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -337,8 +408,15 @@ def main(argv=None) -> int:
     if args.part == "plot":
         print(plot(Path(args.data[0])))
         return 0
+    if args.part == "summary":  # a recipes results file's summary, recomputed by this version and stored
+        path = Path(args.data[0])
+        res = json.loads(path.read_text())
+        res["summary"] = _summary(res["runs"])
+        write_json(path, res)
+        print(json.dumps(res["summary"], indent=1))
+        return 0
     t0 = time.perf_counter()
-    payload = run_recipes(args) if args.part == "recipes" else run_evaluation(args)
+    payload = {"recipes": run_recipes, "evaluation": run_evaluation, "speed": run_speed}[args.part](args)
     payload["wall_s"] = time.perf_counter() - t0
     name = Path(args.json).stem if args.json else f"learning_{args.part}_{args.preset}"
     out = write_results(name, payload, Path(args.json).parent if args.json else None)

@@ -10,6 +10,7 @@ import torch
 from fastfilm import checkpoint as ckpt
 from fastfilm.cli import main
 from fastfilm.config import TrainConfig, model_config
+from fastfilm.engine import distributed
 from fastfilm.engine import trainer as train_mod
 from fastfilm.engine.schedule import LRSchedule
 
@@ -108,3 +109,28 @@ def test_bad_warmup_is_a_user_error(generated_clevr, tmp_path, capsys):
     assert main(["train", str(generated_clevr), "--out", str(tmp_path / "r"), "--warmup", "ten"]) == 2
     err = capsys.readouterr().err
     assert "--warmup 'ten'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipe_left_to_the_preset_is_resolved_recorded_and_said(generated_clevr, tmp_path, capsys, monkeypatch):
+    """No --lr/--batch-size/--weight-decay/--group-questions: the run trains with the preset's
+    values (here a recipe patched in, so that every one differs from the paper's), the optimizer
+    gets them, the checkpoint records numbers, not None, and one line says what was taken."""
+    from fastfilm import config as C
+
+    recipe = dict(lr=2e-3, batch_size=6, weight_decay=1e-4, group_questions=2, lr_schedule="constant", warmup="0")
+    monkeypatch.setitem(C.TRAIN_PRESETS, "tiny", recipe)
+    run = tmp_path / "run"
+    kw = {k: v for k, v in cfg(generated_clevr, run, epochs=1).__dict__.items()
+          if k not in ("lr", "batch_size", "group_questions")}
+    t = train_mod.Trainer(TrainConfig(**kw), model_config("tiny"), distributed.Dist(device=torch.device("cpu")),
+                          progress=False)
+    assert (t.cfg.lr, t.cfg.batch_size, t.cfg.weight_decay, t.cfg.group_questions) == (2e-3, 6, 1e-4, 2)
+    group = t.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (2e-3, 1e-4)
+    assert len(next(iter(t.loader.epoch(0)))) == 6
+    t.run()
+    saved = torch.load(run / ckpt.LAST, weights_only=True)["meta"]["train_config"]
+    assert {k: saved[k] for k in recipe} == recipe
+    err = capsys.readouterr().err
+    assert "the tiny preset's training recipe: --lr 0.002, --batch-size 6, --weight-decay 0.0001, " \
+           "--group-questions 2, --lr-schedule constant, --warmup 0 (flags override)" in " ".join(err.split())
