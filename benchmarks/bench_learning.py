@@ -221,8 +221,8 @@ def run_speed(args) -> dict:
         for i in range(args.repeats):
             for name in recipes:
                 out = Path(tmp) / f"{i}-{len(samples[name])}-{recipes.index(name)}"
-                cfg = TrainConfig(data=data, out=str(out), preset=args.preset, seed=i, epochs=1, eval_gap_questions=0,
-                                  max_train_questions=args.max_train_questions, **{**BASE, **recipe(name)})
+                cfg = TrainConfig(data=data, out=str(out), preset=args.preset, seed=i, eval_gap_questions=0,
+                                  max_train_questions=args.max_train_questions, **{**BASE, "epochs": 1, **recipe(name)})
                 train(cfg, model_config(args.preset), progress=False)
                 line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
                 samples[name].append(line["train_questions_per_s"])

@@ -226,14 +226,14 @@ class Trainer:
             model_cfg = self.init.model_cfg
             cfg = dataclasses.replace(cfg, preset=self.init.meta.get("train_config", {}).get("preset", cfg.preset))
         self.cfg, self.model_cfg = train_recipe(cfg), model_cfg
-        if not self.resumed:
-            _note_recipe(cfg, self.cfg)
         # Batch norm cannot train on one question (config.validate_training): a batch of one,
         # the last of an epoch, is skipped.
         self.skips_single, self.skip_noted = model_cfg.batchnorm, False
         self.saved_at: str | None = None  # what RUN/last.pt holds, for the non-finite loss message
         self._load_data()
         self._build()
+        if not self.resumed:  # said once the data and model are accepted: an error stays one line
+            _note_recipe(cfg, self.cfg)
         self.progress = Progress()
         if self.resumed:
             self._restore()
