@@ -374,13 +374,13 @@ def plot(path: Path) -> Path:
     res = json.loads(path.read_text())
     datasets = sorted({r["data"] for r in res["runs"]})
     recipes = list(res["recipes"])
-    fig, axes = plt.subplots(2, len(datasets), figsize=(4.2 * len(datasets), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(max(7.5, 4.2 * len(datasets)), 7), squeeze=False)
     colors = {k: f"C{i}" for i, k in enumerate(recipes)}
     for j, data in enumerate(datasets):
         for r in (r for r in res["runs"] if r["data"] == data):
             c = r["curve"]
             acc = [100 * p["val_accuracy"] for p in c]
-            label = r["recipe"] if r["seed"] == 0 else None
+            label = r["recipe"] if r["seed"] == min(x["seed"] for x in res["runs"]) else None
             axes[0][j].plot([p["elapsed_s"] / 60 for p in c], acc, "-o", ms=3, color=colors[r["recipe"]], label=label,
                             alpha=0.8)
             axes[1][j].plot([p["questions"] / 1000 for p in c], acc, "-o", ms=3, color=colors[r["recipe"]],
@@ -394,7 +394,7 @@ def plot(path: Path) -> Path:
     axes[0][0].legend(fontsize=8)
     m = res["machine"]
     fig.suptitle(f"{res['preset']} preset, {res['minutes']} min per run, {res['threads_per_run']} thread(s) x "
-                 f"{res['parallel_runs']} runs at a time; {m['processor']}, {m['cpu_count']} cores, "
+                 f"{res['parallel_runs']} runs at a time;\n{m['processor']}, {m['cpu_count']} cores, "
                  f"commit {m['commit']}",
                  fontsize=9)
     fig.tight_layout()
