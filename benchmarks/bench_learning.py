@@ -127,7 +127,7 @@ def _recipes_worker(job: tuple) -> list[dict]:
     seed, datasets, recipes, preset, minutes, limit, threads, tmp = job
     import torch
 
-    from fastfilm.config import TrainConfig, model_config, train_recipe
+    from fastfilm.config import TRAIN_PRESETS, TrainConfig, model_config, train_recipe
     from fastfilm.engine.trainer import train
 
     torch.set_num_threads(threads)
@@ -142,8 +142,7 @@ def _recipes_worker(job: tuple) -> list[dict]:
             resolved = train_recipe(cfg)
             curve = _curve(out, resolved.batch_size)
             results.append({"data": Path(data).name, "recipe": name, "seed": seed, "overrides": recipe(name),
-                            "lr": resolved.lr, "batch_size": resolved.batch_size,
-                            "weight_decay": resolved.weight_decay, "group_questions": resolved.group_questions, "lr_schedule": resolved.lr_schedule, "warmup": resolved.warmup,
+                            **{k: getattr(resolved, k) for k in TRAIN_PRESETS["paper"]},
                             "final_val": curve[-1]["val_accuracy"], "best_val": metrics["val_accuracy"],
                             "questions": curve[-1]["questions"], "elapsed_s": metrics["elapsed_s"],
                             "load_average": [load0, _load()], "curve": curve})
@@ -219,8 +218,8 @@ def run_speed(args) -> dict:
     samples: dict[str, list[float]] = {r: [] for r in recipes}
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
         for i in range(args.repeats):
-            for name in recipes:
-                out = Path(tmp) / f"{i}-{len(samples[name])}-{recipes.index(name)}"
+            for j, name in enumerate(recipes):
+                out = Path(tmp) / f"{i}-{j}"
                 cfg = TrainConfig(data=data, out=str(out), preset=args.preset, seed=i, eval_gap_questions=0,
                                   max_train_questions=args.max_train_questions, **{**BASE, "epochs": 1, **recipe(name)})
                 train(cfg, model_config(args.preset), progress=False)

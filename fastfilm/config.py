@@ -177,10 +177,12 @@ def fast_config(cfg: FastConfig) -> FastConfig:
 # questions per second of 64 at two threads; per question, lr 1e-3 and 2e-3 at batch 128 were
 # equal within run-to-run noise (+-4 points mid-curve), 2e-3 (64's 1e-3 scaled with the batch)
 # led at the quickstart's length; linear decay and 8 questions per image lost.
+_PAPER_RECIPE = dict(lr=3e-4, batch_size=64, weight_decay=1e-5, group_questions=1, lr_schedule="constant",
+                     warmup="0")
 TRAIN_PRESETS: dict[str, dict] = {
-    "paper": dict(lr=3e-4, batch_size=64, weight_decay=1e-5, group_questions=1, lr_schedule="constant", warmup="0"),
+    "paper": _PAPER_RECIPE,
     "cpu": dict(lr=2e-3, batch_size=128, weight_decay=1e-5, group_questions=4, lr_schedule="constant", warmup="0"),
-    "tiny": dict(lr=3e-4, batch_size=64, weight_decay=1e-5, group_questions=1, lr_schedule="constant", warmup="0"),
+    "tiny": _PAPER_RECIPE,
 }
 
 
@@ -261,11 +263,16 @@ class TrainConfig(FastConfig):
                                "error (a crashed or stalled rank); raise it if first-step compilation is slower")
 
 
+def left_to_preset(cfg: TrainConfig) -> list[str]:
+    """The recipe fields cfg leaves to its preset: None, or "preset" for the two string fields."""
+    return [name for name in _PAPER_RECIPE if getattr(cfg, name) in (None, "preset")]
+
+
 def train_recipe(cfg: TrainConfig) -> TrainConfig:
-    """cfg with every recipe field left to the preset (None, or "preset" for the two string
-    fields) replaced by its --preset's value from TRAIN_PRESETS ('auto' and unknown: paper's)."""
+    """cfg with every recipe field left to the preset replaced by its --preset's value from
+    TRAIN_PRESETS ('auto' and unknown: paper's)."""
     recipe = TRAIN_PRESETS.get(cfg.preset, TRAIN_PRESETS["paper"])
-    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "preset")})
+    return dataclasses.replace(cfg, **{k: recipe[k] for k in left_to_preset(cfg)})
 
 
 def train_config_from(saved: dict) -> TrainConfig:

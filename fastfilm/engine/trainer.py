@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from fastfilm import checkpoint as ckpt
 from fastfilm.atomic import atomic_write
-from fastfilm.config import (TRAIN_PRESETS, ModelConfig, TrainConfig, fast_config, resolve_preset, train_config_from,
+from fastfilm.config import (ModelConfig, TrainConfig, fast_config, left_to_preset, resolve_preset, train_config_from,
                              train_recipe, validate_training)
 from fastfilm.data.cache import SplitData, load_split, load_vocab, prepare
 from fastfilm.data.features import check_channels
@@ -180,7 +180,7 @@ def _resumed_config(given: TrainConfig, saved: dict, run_dir: Path) -> TrainConf
 
 def _note_recipe(given: TrainConfig, resolved: TrainConfig) -> None:
     """One line naming the recipe values taken from the preset (config.TRAIN_PRESETS)."""
-    taken = [name for name in TRAIN_PRESETS["paper"] if getattr(given, name) in (None, "preset")]
+    taken = left_to_preset(given)
     if taken:
         values = ", ".join(f"--{name.replace('_', '-')} {getattr(resolved, name)}" for name in taken)
         distributed.note(f"the {resolved.preset} preset's training recipe: {values} (flags override)")
