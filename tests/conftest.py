@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -40,3 +44,30 @@ def generated_clevr(tmp_path_factory):
                          image_height=32, min_objects=3, max_objects=4, families=TINY_FAMILIES, seed=1, workers=1)
     assert run(cfg) == 0
     return out
+
+
+# A cache build that dies mid-way: image decoding finishes, says so, then stalls to be killed.
+_STALL_AFTER_DECODING = textwrap.dedent("""
+    import sys, time
+    import fastfilm.data.cache as c
+    real = c.decode_images
+    def slow(*a, **k):
+        out = real(*a, **k)
+        print("decoded", flush=True)
+        time.sleep(120)
+        return out
+    c.decode_images = slow
+""")
+
+
+def kill_after_decoding(build: str, data) -> None:
+    """Run `build` (Python text; `c` is fastfilm.data.cache, sys.argv[1] is `data`) in a child
+    process whose image decoding stalls once done, and SIGKILL it there: a build killed after
+    decoding, before the cache is complete."""
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_DECODING + textwrap.dedent(build), str(data)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "decoded"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

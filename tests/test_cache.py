@@ -1,15 +1,12 @@
 """`fastfilm preprocess`: decode-once cache, DALI vs Pillow, bad inputs, interruption, reuse rules."""
 import io
 import json
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from clevr_fixture import TRAIN, make_clevr
+from conftest import kill_after_decoding
 from PIL import Image
 
 from fastfilm.cli import main as cli_main
@@ -171,24 +168,7 @@ def test_interrupted_build_leaves_no_cache(clevr, monkeypatch):
 
 
 def test_killed_build_leaves_no_valid_cache(clevr, tmp_path):
-    script = textwrap.dedent("""
-        import sys, time
-        import fastfilm.data.cache as c
-        real = c.decode_images
-        def slow(*a, **k):
-            out = real(*a, **k)
-            print("decoded", flush=True)
-            time.sleep(120)
-            return out
-        c.decode_images = slow
-        c.prepare(sys.argv[1], 16, decoder="pillow")
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(clevr["root"])], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "decoded"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_after_decoding('c.prepare(sys.argv[1], 16, decoder="pillow")', clevr["root"])
     target = clevr["root"] / ".fastfilm_cache" / "16"
     leftovers = [p for p in target.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers and not any(p.joinpath("meta.json").exists() for p in leftovers)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FAMILIES
+from conftest import TINY_FAMILIES, kill_after_decoding
 
 from fastfilm.cli import main
 from fastfilm.config import model_config
@@ -361,31 +360,17 @@ def test_bad_json_is_named(data, capsys, damage, named):
     assert f"{qfile}" in err and named in err and err.count("\n") == 1
 
 
-KILLABLE = textwrap.dedent("""
-    import sys, time
+KILLED_PREPROCESS = """
     from fastfilm.cli import main
-    import fastfilm.data.cache as c
-    real = c.decode_images
-    def slow(*a, **k):
-        out = real(*a, **k)
-        print("decoded", flush=True)
-        time.sleep(120)
-        return out
-    c.decode_images = slow
     main(["preprocess", sys.argv[1], "--image-size", "16", "--decoder", "pillow", "--workers", "1", "--force"])
-""")
+"""
 
 
 def test_kill_9_mid_rebuild_keeps_the_old_cache(data, capsys):
     assert preprocess(data) == 0
     path = default_cache_dir(data, S)
     kept, sources = checksums(path, skip=None), checksums(data)
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(data)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "decoded"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_after_decoding(KILLED_PREPROCESS, data)
     assert checksums(path, skip=None) == kept  # the complete cache is untouched by the killed rebuild
     assert [p for p in path.parent.iterdir() if ".tmp-" in p.name]  # its temp dir is left behind
     assert preprocess(data, "--force") == 0  # a clean rebuild removes it
